@@ -1,0 +1,30 @@
+//! The contract between the notifier and the edges: the `notify.v1` gRPC API, the stream entry
+//! codec, channel rules and partitioning, the client protocol's frames and close codes, and the
+//! log and history interfaces that both the Redis and the in-process deployments implement.
+//!
+//! Layout:
+//! - [`pb`]: generated tonic and prost code for `notify.v1`.
+//! - [`channel`]: channel grammar, event type rules and the channel-to-partition hash.
+//! - [`entry`]: encoding of an [`pb::Event`] as Redis stream fields, and back.
+//! - [`frame`]: the JSON frame a client receives for an event, encoded once per event.
+//! - [`protocol`]: client frame types and WebSocket close codes.
+//! - [`log`]: the append and read interfaces of the event stream.
+//! - [`memory`]: the in-process stream used by the single-process mode.
+//! - [`history`]: the interface to the store of record used by the edges' recovery path.
+
+pub mod channel;
+pub mod entry;
+pub mod frame;
+pub mod history;
+pub mod log;
+pub mod memory;
+pub mod protocol;
+
+/// Generated code for the `notify.v1` package.
+#[allow(missing_docs, clippy::all, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("notify.v1");
+
+    /// Encoded file descriptor set, for the gRPC reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("notify_descriptor");
+}
