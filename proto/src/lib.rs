@@ -11,14 +11,20 @@
 //! - [`log`]: the append and read interfaces of the event stream.
 //! - [`memory`]: the in-process stream used by the single-process mode.
 //! - [`history`]: the interface to the store of record used by the edges' recovery path.
+//! - [`claims`]: the JWT claims a client token carries.
+//! - [`telemetry`]: logging set-up shared by the binaries.
+//! - [`shutdown`]: the signal that starts a graceful stop.
 
 pub mod channel;
+pub mod claims;
 pub mod entry;
 pub mod frame;
 pub mod history;
 pub mod log;
 pub mod memory;
 pub mod protocol;
+pub mod shutdown;
+pub mod telemetry;
 
 /// Generated code for the `notify.v1` package.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used)]
