@@ -1,0 +1,200 @@
+//! Builds the workspace binaries once per test process and starts them as child processes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// Binaries the tests start.
+pub const BINARIES: &[&str] = &["notifier", "ws-edge", "notify-standalone"];
+
+/// A running binary. Dropping it kills the process.
+pub struct Process {
+    /// Name of the binary, for messages.
+    pub name: String,
+    /// Addresses the process logged as listening, by service name (`grpc`, `http`).
+    pub addrs: HashMap<String, SocketAddr>,
+    /// File that receives the process's log output.
+    pub log_path: PathBuf,
+    child: Child,
+}
+
+impl Process {
+    /// Returns the address of a listening service, as the process logged it.
+    ///
+    /// # Errors
+    /// Fails when the process did not log that service.
+    pub fn addr(&self, service: &str) -> anyhow::Result<SocketAddr> {
+        self.addrs
+            .get(service)
+            .copied()
+            .with_context(|| format!("{} logged no {service:?} listener", self.name))
+    }
+
+    /// Sends SIGKILL and waits for the process to end.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Returns whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// Directory holding the binaries: the profile directory of the running test executable.
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("find the test executable")?;
+    // target/<profile>/deps/<test binary>
+    let deps = exe.parent().context("test executable has no parent directory")?;
+    Ok(deps.parent().context("deps directory has no parent")?.to_path_buf())
+}
+
+/// Builds the binaries once per test process with the cargo that runs the tests.
+fn ensure_built() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let result = BUILT.get_or_init(|| build().map_err(|err| format!("{err:#}")));
+    result.clone().map_err(|err| anyhow::anyhow!(err))
+}
+
+fn build() -> anyhow::Result<PathBuf> {
+    let dir = bin_dir()?;
+    let target_dir = dir.parent().context("profile directory has no parent")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .args(["build", "--workspace", "--bins", "--target-dir"])
+        .arg(target_dir);
+    if dir.file_name().is_some_and(|name| name == "release") {
+        command.arg("--release");
+    }
+    let status = command.status().context("run cargo build for the binaries")?;
+    if !status.success() {
+        bail!("cargo build of the binaries failed: {status}");
+    }
+    Ok(dir)
+}
+
+/// Starts a binary with arguments and environment, and waits until it has logged a listening
+/// line for each service in `services`.
+///
+/// # Errors
+/// Fails when the build fails, the process exits early, or a service is not listening in time.
+pub async fn start(
+    name: &str,
+    args: &[&str],
+    vars: &[(&str, String)],
+    services: &[&str],
+    log_path: PathBuf,
+) -> anyhow::Result<Process> {
+    let dir = tokio::task::spawn_blocking(ensure_built).await??;
+    let mut command = Command::new(dir.join(name));
+    command
+        .args(args)
+        .envs(vars.iter().map(|(key, value)| (*key, value.as_str())));
+    command.env("LOG_FORMAT", "text").env("NO_COLOR", "1");
+    command.env(
+        "RUST_LOG",
+        std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = command.spawn().with_context(|| format!("start {name}"))?;
+
+    let (lines_tx, mut lines_rx) = mpsc::channel::<String>(256);
+    forward_output(&mut child, lines_tx, log_path.clone()).await?;
+    let mut addrs = HashMap::new();
+    let deadline = tokio::time::Instant::now() + crate::patience() * 3;
+    while !services.iter().all(|service| addrs.contains_key(*service)) {
+        let line = tokio::time::timeout_at(deadline, lines_rx.recv()).await;
+        match line {
+            Ok(Some(line)) => record_listener(&line, &mut addrs),
+            Ok(None) => bail!("{name} exited before listening; see {}", log_path.display()),
+            Err(_) => bail!(
+                "{name} did not log listeners {services:?} in time; see {}",
+                log_path.display()
+            ),
+        }
+    }
+    Ok(Process {
+        name: name.to_owned(),
+        addrs,
+        log_path,
+        child,
+    })
+}
+
+/// Copies the child's stdout and stderr into its log file, and stdout lines into `lines_tx`
+/// until the receiver is gone.
+async fn forward_output(child: &mut Child, lines_tx: mpsc::Sender<String>, log_path: PathBuf) -> anyhow::Result<()> {
+    if let Some(parent) = log_path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let file = tokio::fs::File::create(&log_path).await?;
+    let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
+    let stdout = child.stdout.take().context("child stdout is piped")?;
+    let stderr = child.stderr.take().context("child stderr is piped")?;
+    tokio::spawn(copy_lines(BufReader::new(stdout), file.clone(), Some(lines_tx)));
+    tokio::spawn(copy_lines(BufReader::new(stderr), file, None));
+    Ok(())
+}
+
+async fn copy_lines<R>(
+    reader: BufReader<R>,
+    file: std::sync::Arc<tokio::sync::Mutex<tokio::fs::File>>,
+    lines_tx: Option<mpsc::Sender<String>>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut lines = reader.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let _ = file.lock().await.write_all(format!("{line}\n").as_bytes()).await;
+        if let Some(tx) = &lines_tx {
+            // After start-up no receiver reads these lines, so a full or closed channel is expected.
+            let _ = tx.try_send(line);
+        }
+    }
+}
+
+/// Parses `listening service="grpc" addr=127.0.0.1:1234` out of a text log line.
+fn record_listener(line: &str, addrs: &mut HashMap<String, SocketAddr>) {
+    if !line.contains("listening") {
+        return;
+    }
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|token| token.strip_prefix(name))
+            .map(|value| value.trim_matches('"').to_owned())
+    };
+    if let (Some(service), Some(Ok(addr))) = (field("service="), field("addr=").map(|addr| addr.parse())) {
+        addrs.insert(service, addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_line_parses() {
+        let mut addrs = HashMap::new();
+        record_listener(
+            r#"2026-12-04T20:00:00Z  INFO notifier: listening service="grpc" addr=127.0.0.1:4321"#,
+            &mut addrs,
+        );
+        assert_eq!(
+            addrs.get("grpc"),
+            Some(&"127.0.0.1:4321".parse().expect("valid address"))
+        );
+    }
+}

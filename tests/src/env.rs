@@ -1,0 +1,276 @@
+//! One isolated deployment per test: its own PostgreSQL database and Redis key prefix in
+//! distributed mode, or its own data directory in single-process mode.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use notify_proto::pb::notifier_client::NotifierClient;
+use notify_proto::pb::{PublishRequest, PublishResponse};
+use sqlx::Connection;
+use tonic::transport::Channel;
+
+use crate::binaries::{self, Process};
+use crate::client::Client;
+use crate::token;
+
+/// Default database used to create the per-test databases.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// Default shared Redis.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Secret the test deployments verify client tokens with.
+pub const JWT_SECRET: &str = "e2e-secret-with-enough-entropy-0123456789";
+/// Number of stream partitions of the test deployments.
+pub const PARTITIONS: u32 = 16;
+
+/// How the system under test is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `notifier` and `ws-edge` processes on PostgreSQL and Redis.
+    Distributed,
+    /// One `notify-standalone` process on SQLite and the in-process stream.
+    Standalone,
+}
+
+/// A running deployment. Dropping it stops the processes and removes the database, keys and
+/// data directory it created.
+pub struct TestEnv {
+    /// Deployment mode.
+    pub mode: Mode,
+    /// Unique id of this deployment, used in database names, key prefixes and log files.
+    pub id: String,
+    /// The processes: `[notifier, ws-edge]` or `[notify-standalone]`.
+    pub processes: Vec<Process>,
+    /// gRPC address of the notifier.
+    pub grpc: SocketAddr,
+    /// HTTP address of the edge.
+    pub edge: SocketAddr,
+    database: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+fn var_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// URL of the database used to create per-test databases.
+pub fn admin_database_url() -> String {
+    var_or("TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+}
+
+/// URL of the shared Redis.
+pub fn redis_url() -> String {
+    var_or("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+}
+
+/// Directory for test logs and data: `target/e2e`.
+pub fn work_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
+}
+
+impl TestEnv {
+    /// Starts a deployment in the given mode.
+    ///
+    /// # Errors
+    /// Fails when the database cannot be created or a process does not start.
+    pub async fn start(mode: Mode) -> anyhow::Result<Self> {
+        let id = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+        match mode {
+            Mode::Distributed => Self::start_distributed(id).await,
+            Mode::Standalone => Self::start_standalone(id).await,
+        }
+    }
+
+    /// Starts a deployment, or returns `None` after printing why when the distributed mode's
+    /// PostgreSQL or Redis is unreachable and `E2E_REQUIRE_SERVICES` is not set.
+    ///
+    /// # Errors
+    /// Fails when a service is unreachable and required, or when the deployment does not start.
+    pub async fn start_or_skip(mode: Mode) -> anyhow::Result<Option<Self>> {
+        let unreachable = match mode {
+            Mode::Distributed => check_services().await.err(),
+            Mode::Standalone => None,
+        };
+        if let Some(err) = unreachable {
+            if std::env::var_os("E2E_REQUIRE_SERVICES").is_some() {
+                return Err(err.context("E2E_REQUIRE_SERVICES is set"));
+            }
+            eprintln!("skipped: distributed mode needs PostgreSQL and Redis: {err:#}");
+            return Ok(None);
+        }
+        Self::start(mode).await.map(Some)
+    }
+
+    async fn start_distributed(id: String) -> anyhow::Result<Self> {
+        let database_url = create_database(&id).await?;
+        let common = vec![
+            ("REDIS_URL", redis_url()),
+            ("STREAM_PREFIX", id.clone()),
+            ("STREAM_PARTITIONS", PARTITIONS.to_string()),
+        ];
+        let mut notifier_vars = common.clone();
+        notifier_vars.push(("DATABASE_URL", database_url));
+        notifier_vars.push(("NOTIFIER_LISTEN", "127.0.0.1:0".into()));
+        notifier_vars.push(("NOTIFIER_HTTP_LISTEN", "127.0.0.1:0".into()));
+        let log = |name: &str| work_dir().join("logs").join(format!("{id}-{name}.log"));
+        let notifier = binaries::start("notifier", &[], &notifier_vars, &["grpc", "http"], log("notifier")).await?;
+        let grpc = notifier.addr("grpc")?;
+
+        let mut edge_vars = common;
+        edge_vars.push(("JWT_SECRET", JWT_SECRET.into()));
+        edge_vars.push(("EDGE_LISTEN", "127.0.0.1:0".into()));
+        edge_vars.push(("NOTIFIER_URL", format!("http://{grpc}")));
+        let edge_process = binaries::start("ws-edge", &[], &edge_vars, &["http"], log("ws-edge")).await?;
+        let edge = edge_process.addr("http")?;
+        let processes = vec![notifier, edge_process];
+        Ok(Self {
+            mode: Mode::Distributed,
+            id: id.clone(),
+            processes,
+            grpc,
+            edge,
+            database: Some(id),
+            data_dir: None,
+        })
+    }
+
+    async fn start_standalone(id: String) -> anyhow::Result<Self> {
+        let data_dir = work_dir().join("data").join(&id);
+        let vars = vec![
+            ("NOTIFY_DATA_DIR", data_dir.display().to_string()),
+            ("NOTIFIER_LISTEN", "127.0.0.1:0".into()),
+            ("EDGE_LISTEN", "127.0.0.1:0".into()),
+            ("JWT_SECRET", JWT_SECRET.into()),
+            ("STREAM_PARTITIONS", PARTITIONS.to_string()),
+        ];
+        let log = work_dir().join("logs").join(format!("{id}-standalone.log"));
+        let process = binaries::start("notify-standalone", &[], &vars, &["grpc", "http"], log).await?;
+        let (grpc, edge) = (process.addr("grpc")?, process.addr("http")?);
+        let processes = vec![process];
+        Ok(Self {
+            mode: Mode::Standalone,
+            id,
+            processes,
+            grpc,
+            edge,
+            database: None,
+            data_dir: Some(data_dir),
+        })
+    }
+
+    /// Returns a gRPC client of the notifier.
+    ///
+    /// # Errors
+    /// Fails when the notifier does not accept the connection.
+    pub async fn publisher(&self) -> anyhow::Result<NotifierClient<Channel>> {
+        Ok(NotifierClient::connect(format!("http://{}", self.grpc)).await?)
+    }
+
+    /// Publishes an event and returns the response.
+    ///
+    /// # Errors
+    /// Fails when the call fails.
+    pub async fn publish(&self, channel: &str, event_type: &str, data: &str) -> anyhow::Result<PublishResponse> {
+        let request = PublishRequest {
+            channel: channel.into(),
+            r#type: event_type.into(),
+            data: data.into(),
+            ..Default::default()
+        };
+        self.publish_request(request).await.map_err(Into::into)
+    }
+
+    /// Sends a publish request and returns the gRPC result, for tests that expect a failure.
+    ///
+    /// # Errors
+    /// Returns the call's status.
+    pub async fn publish_request(&self, request: PublishRequest) -> Result<PublishResponse, tonic::Status> {
+        let mut client = self
+            .publisher()
+            .await
+            .map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+        client.publish(request).await.map(tonic::Response::into_inner)
+    }
+
+    /// Returns the WebSocket URL of the edge, without a token.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.edge)
+    }
+
+    /// Connects a client with a fresh valid token for `user` and waits for `connected`.
+    ///
+    /// # Errors
+    /// Fails when the connection or the handshake fails.
+    pub async fn connect(&self, user: &str) -> anyhow::Result<Client> {
+        let token = token::valid(user, &[]);
+        Client::connect_with_token(&self.ws_url(), &token).await
+    }
+}
+
+/// Checks that the shared PostgreSQL and Redis answer.
+async fn check_services() -> anyhow::Result<()> {
+    let admin_url = admin_database_url();
+    let connect = sqlx::PgConnection::connect(&admin_url);
+    let connection = tokio::time::timeout(std::time::Duration::from_secs(3), connect).await;
+    connection
+        .with_context(|| format!("{admin_url} timed out"))?
+        .with_context(|| format!("connect to {admin_url}"))?;
+    let client = redis::Client::open(redis_url())?;
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("connect to {}", redis_url()))?;
+    redis::cmd("PING").query_async::<String>(&mut connection).await?;
+    Ok(())
+}
+
+/// Creates a database named `name` and returns its URL.
+async fn create_database(name: &str) -> anyhow::Result<String> {
+    let admin_url = admin_database_url();
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .with_context(|| format!("connect to {admin_url}"))?;
+    // The name is generated by the harness (e2e_ and a UUID), never taken from input.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await?;
+    let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(base, _)| base);
+    Ok(format!("{base}/{name}"))
+}
+
+async fn cleanup(database: Option<String>, prefix: String, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(name) = database {
+        let mut admin = sqlx::PgConnection::connect(&admin_database_url()).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
+        let client = redis::Client::open(redis_url())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> = (0..PARTITIONS)
+            .map(|partition| notify_proto::channel::stream_key(&prefix, partition))
+            .collect();
+        redis::cmd("DEL").arg(&keys).query_async::<()>(&mut connection).await?;
+    }
+    if let Some(dir) = data_dir {
+        let _ = tokio::fs::remove_dir_all(dir).await;
+    }
+    Ok(())
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.processes.clear();
+        let (database, prefix, data_dir) = (self.database.take(), self.id.clone(), self.data_dir.take());
+        // Drop cannot await, and the test's runtime may be shutting down: clean up on a thread
+        // with a runtime of its own.
+        let cleaner = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(cleanup(database, prefix, data_dir))
+        });
+        if let Ok(Err(err)) = cleaner.join() {
+            eprintln!("cleanup of test deployment failed: {err:#}");
+        }
+    }
+}
