@@ -14,6 +14,7 @@
 //! - [`claims`]: the JWT claims a client token carries.
 //! - [`telemetry`]: logging set-up shared by the binaries.
 //! - [`shutdown`]: the signal that starts a graceful stop.
+//! - [`settings`]: parsers for setting values that both services share.
 
 pub mod channel;
 pub mod claims;
@@ -23,6 +24,7 @@ pub mod history;
 pub mod log;
 pub mod memory;
 pub mod protocol;
+pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
 
