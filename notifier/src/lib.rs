@@ -1,1 +1,247 @@
-//! placeholder
+//! The notifier: a gRPC service that validates events, commits them to the store of record and
+//! appends them to the event stream the edges read.
+//!
+//! An event's path: [`service`] validates the request ([`validate`]) and queues it for its
+//! partition's committer ([`committer`]), which commits a batch in one transaction ([`store`]),
+//! replies to the callers, and appends the batch to the stream ([`stream`] for Redis). When an
+//! append fails, the [`relay`] appends the stored events once the stream is back.
+//!
+//! Layout:
+//! - [`config`]: settings from flags and environment variables, with their defaults.
+//! - [`error`]: the errors a call can end with, mapped to gRPC status codes in one place.
+//! - [`validate`]: checks of a publish request and its trace context.
+//! - [`store`]: the store of record on PostgreSQL or SQLite.
+//! - [`committer`]: one task per partition that commits batches, then appends them.
+//! - [`relay`]: catches the stream up from the store after failed appends and crashes.
+//! - [`stream`]: the Redis stream writer.
+//! - [`retention`]: deletes expired events and idempotency keys.
+//! - [`service`]: the `notify.v1.Notifier` gRPC service.
+//! - [`http`]: `/healthz` and `/readyz`.
+//! - [`cli`]: the `publish` and `token` developer commands.
+
+pub mod cli;
+pub mod committer;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod relay;
+pub mod retention;
+pub mod service;
+pub mod store;
+pub mod stream;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use notify_proto::log::LogWriter;
+use notify_proto::pb::notifier_server::NotifierServer;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::Router;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::committer::{Committers, Publisher};
+pub use crate::config::Config;
+use crate::relay::{Lanes, Relay};
+use crate::service::NotifierService;
+use crate::store::Store;
+
+/// Smallest gRPC request size limit: tonic's default of 4 MiB.
+const MIN_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Room for the request's fields other than `data`: channel, type, user_id and key are at most
+/// 255 + 64 + 255 + 255 bytes, plus protobuf framing.
+const REQUEST_OVERHEAD: usize = 16 * 1024;
+
+/// Serves the gRPC API on `grpc`, and `/healthz` and `/readyz` on `http` if given, until
+/// `shutdown` resolves, then drains within `config.shutdown_grace`.
+///
+/// Logs `listening` with `service` and `addr` fields once per listener. On shutdown it reports
+/// NOT_SERVING to gRPC health checks and 503 on `/readyz`, stops accepting connections, lets
+/// running calls finish, commits every queued request and replies to it, and appends what
+/// was committed. Requests still queued when the grace period runs out fail with UNAVAILABLE.
+///
+/// # Errors
+/// Fails when the store was opened with another number of partitions than `config.partitions`,
+/// or when a listener or the gRPC server fails.
+pub async fn serve(
+    config: &Config,
+    store: Store,
+    log: Arc<dyn LogWriter>,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        store.partitions() == config.partitions,
+        "the store was opened with {} partitions but the configuration has {}",
+        store.partitions(),
+        config.partitions
+    );
+
+    // Start the committers, the relay and the retention sweeper.
+    let (workers, publisher) = Workers::start(config, &store, log);
+
+    // Serve the probes, then the gRPC API until shutdown, then let its calls finish.
+    let draining = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let http_task = spawn_http(http, &store, &draining, &http_stop)?;
+    let service = NotifierService::new(publisher, store, config.max_payload_bytes);
+    let served = serve_grpc(config, service, grpc, &draining, shutdown).await;
+    let deadline = match &served {
+        Ok(deadline) => *deadline,
+        Err(_) => Instant::now() + config.shutdown_grace,
+    };
+
+    // Drain the queues and the relay, then close the probes.
+    workers.drain(deadline).await;
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        let _ = tokio::time::timeout_at(deadline, task).await;
+    }
+    tracing::info!("stopped");
+    served.map(drop)
+}
+
+fn spawn_http(
+    listener: Option<TcpListener>,
+    store: &Store,
+    draining: &CancellationToken,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let addr = listener.local_addr()?;
+    let readiness = http::Readiness {
+        store: store.clone(),
+        draining: draining.clone(),
+    };
+    let task = tokio::spawn(http::run(listener, readiness, stop.clone().cancelled_owned()));
+    tracing::info!(service = "http", addr = %addr, "listening");
+    Ok(Some(task))
+}
+
+/// Serves until `shutdown` resolves, then drains the connections until the grace period ends.
+/// Returns the end of the grace period.
+async fn serve_grpc(
+    config: &Config,
+    service: NotifierService,
+    listener: TcpListener,
+    draining: &CancellationToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Instant> {
+    let addr = listener.local_addr()?;
+    let (health, routes) = grpc_routes(config, service)?;
+    set_health(&health, ServingStatus::Serving).await;
+    let server =
+        routes.serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining.clone().cancelled_owned());
+    tracing::info!(service = "grpc", addr = %addr, "listening");
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            result?;
+            anyhow::bail!("the gRPC server stopped before shutdown was requested");
+        }
+        () = shutdown => {}
+    }
+
+    let deadline = Instant::now() + config.shutdown_grace;
+    tracing::info!(
+        grace_ms = config.shutdown_grace.as_millis() as u64,
+        "shutdown started; draining"
+    );
+    set_health(&health, ServingStatus::NotServing).await;
+    draining.cancel();
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("gRPC calls were still running when the grace period ran out"),
+    }
+    Ok(deadline)
+}
+
+/// Builds the gRPC routes: health, reflection and the notifier service. Returns them with the
+/// handle that sets the health status.
+fn grpc_routes(config: &Config, service: NotifierService) -> anyhow::Result<(HealthReporter, Router)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(notify_proto::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let request_limit = MIN_REQUEST_LIMIT.max(config.max_payload_bytes.saturating_add(REQUEST_OVERHEAD));
+    let notifier = NotifierServer::new(service).max_decoding_message_size(request_limit);
+    let routes = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(notifier);
+    Ok((health, routes))
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health
+        .set_service_status(notify_proto::pb::notifier_server::SERVICE_NAME, status)
+        .await;
+    health.set_service_status("", status).await;
+}
+
+/// The background tasks and the handles that stop them.
+struct Workers {
+    /// The committers; they stop when every [`Publisher`] is gone and their queues are empty.
+    committers: TaskTracker,
+    /// Makes the committers drop their queues and stop, when the grace period runs out.
+    abort: CancellationToken,
+    /// The relay and the retention sweeper.
+    background: TaskTracker,
+    stop_background: CancellationToken,
+}
+
+impl Workers {
+    fn start(config: &Config, store: &Store, log: Arc<dyn LogWriter>) -> (Workers, Publisher) {
+        let workers = Workers {
+            committers: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            background: TaskTracker::new(),
+            stop_background: CancellationToken::new(),
+        };
+        let lanes = Arc::new(Lanes::new(config.partitions));
+        let committers = Committers {
+            store: store.clone(),
+            log: Arc::clone(&log),
+            lanes: Arc::clone(&lanes),
+            publish_queue: config.publish_queue,
+            idempotency_window: config.idempotency_window,
+        };
+        let publisher = committers.spawn(&workers.committers, &workers.abort);
+        let relay = Relay::new(store.clone(), log, lanes, config.stream_max_len);
+        workers.background.spawn(relay.run(workers.stop_background.clone()));
+        workers.background.spawn(retention::run(
+            store.clone(),
+            config.store_retention,
+            config.idempotency_window,
+            workers.stop_background.clone(),
+        ));
+        (workers, publisher)
+    }
+
+    /// Waits for the committers to empty their queues, then stops the relay after its last
+    /// sweep, both bounded by `deadline`. Call it after the gRPC server, which owns the
+    /// publishers, has stopped.
+    async fn drain(self, deadline: Instant) {
+        self.committers.close();
+        if tokio::time::timeout_at(deadline, self.committers.wait()).await.is_err() {
+            tracing::warn!("publish requests were still queued when the grace period ran out; failing them");
+            self.abort.cancel();
+        }
+        self.stop_background.cancel();
+        self.background.close();
+        if tokio::time::timeout_at(deadline, self.background.wait()).await.is_err() {
+            tracing::warn!("the relay was still appending when the grace period ran out");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The HTTP listener for probes. `/healthz` returns 200 while the process runs, and `/readyz`
+//! returns 200 only while the store responds and no shutdown has started.
+//!
+//! `/readyz` leaves Redis out on purpose: the notifier keeps accepting events while Redis is down
+//! and the relay appends them later, so taking every replica out of service would only stop
+//! publishing.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+use warp::http::StatusCode;
+
+use crate::store::Store;
+
+/// How long `/readyz` waits for the store before it reports not ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Dependencies and state that `/readyz` checks.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    /// Store of record, pinged on each request.
+    pub store: Store,
+    /// Cancelled when shutdown starts.
+    pub draining: CancellationToken,
+}
+
+/// Serves the probes on `listener` until `stop` resolves.
+pub async fn run(listener: TcpListener, readiness: Readiness, stop: impl Future<Output = ()> + Send + 'static) {
+    let healthz = warp::path!("healthz").and(warp::get()).map(alive);
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(warp::any().map(move || readiness.clone()))
+        .then(ready);
+    warp::serve(healthz.or(readyz))
+        .incoming(listener)
+        .graceful(stop)
+        .run()
+        .await;
+}
+
+fn alive() -> &'static str {
+    "ok"
+}
+
+async fn ready(readiness: Readiness) -> warp::reply::WithStatus<&'static str> {
+    if readiness.draining.is_cancelled() {
+        return warp::reply::with_status("draining", StatusCode::SERVICE_UNAVAILABLE);
+    }
+    match tokio::time::timeout(READY_TIMEOUT, readiness.store.ping()).await {
+        Ok(Ok(())) => warp::reply::with_status("ready", StatusCode::OK),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "readiness check: store unavailable");
+            warp::reply::with_status("store unavailable", StatusCode::SERVICE_UNAVAILABLE)
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = READY_TIMEOUT.as_millis() as u64,
+                "readiness check: store timed out"
+            );
+            warp::reply::with_status("store timed out", StatusCode::SERVICE_UNAVAILABLE)
+        }
+    }
+}

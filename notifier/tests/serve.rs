@@ -1,0 +1,290 @@
+//! `notifier::serve` over real sockets, on SQLite and the in-process stream: the gRPC API, the
+//! health service, the HTTP probes and the drain on shutdown.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestSqlite;
+use notifier::Config;
+use notifier::store::Store;
+use notify_proto::log::LogReader;
+use notify_proto::memory::MemoryLog;
+use notify_proto::pb::notifier_client::NotifierClient;
+use notify_proto::pb::{HeadsRequest, HistoryRequest, PublishRequest, ReadPartitionRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+const SERVICE: &str = "notify.v1.Notifier";
+
+struct Running {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    log: Arc<MemoryLog>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+    _db: TestSqlite,
+}
+
+async fn start(config: Config) -> Running {
+    let db = TestSqlite::create();
+    let store = Store::open(&db.url, config.partitions).await.expect("open");
+    let log = Arc::new(MemoryLog::new(config.partitions, 1000));
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let (grpc_addr, http_addr) = (grpc.local_addr().expect("addr"), http.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let stream = Arc::clone(&log);
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        notifier::serve(&config, store, stream, grpc, Some(http), shutdown).await
+    });
+    Running {
+        grpc: grpc_addr,
+        http: http_addr,
+        log,
+        stop,
+        task,
+        _db: db,
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn publish_request(channel: &str, data: &str, key: &str) -> PublishRequest {
+    PublishRequest {
+        channel: channel.into(),
+        r#type: "post.created".into(),
+        data: data.into(),
+        user_id: String::new(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// Sends `GET path` and returns the status code and body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+async fn stop(running: Running) {
+    running.stop.send(()).expect("server running");
+    let result = tokio::time::timeout(Duration::from_secs(30), running.task).await;
+    result
+        .expect("serve returns")
+        .expect("serve task")
+        .expect("serve succeeds");
+}
+
+#[tokio::test]
+async fn publish_and_read_over_grpc() {
+    let running = start(Config::default()).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+
+    let mut request = tonic::Request::new(publish_request("news", r#"{"title":"שלום"}"#, ""));
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ascii"));
+    let first = client.publish(request).await.expect("publish").into_inner();
+    assert_eq!((first.position, first.duplicate), (1, false));
+
+    let history = client
+        .history(HistoryRequest {
+            channel: "news".into(),
+            since: 0,
+            limit: 0,
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(history.events.len(), 1);
+    assert_eq!(history.events[0].id, first.id);
+    assert_eq!(history.events[0].data, r#"{"title":"שלום"}"#);
+    assert_eq!(history.events[0].traceparent, traceparent);
+    assert_eq!((history.head, history.next_since, history.complete), (1, 1, true));
+
+    let partition = history.events[0].partition;
+    let page = client
+        .read_partition(ReadPartitionRequest {
+            partition,
+            after: 0,
+            limit: 10,
+        })
+        .await
+        .expect("read partition")
+        .into_inner();
+    assert_eq!(page.events, history.events);
+    let heads = client.heads(HeadsRequest {}).await.expect("heads").into_inner().heads;
+    assert_eq!(heads.len(), 16);
+    assert_eq!(heads[partition as usize], 1);
+
+    // The committer appends the event to the stream.
+    let appended = tokio::time::timeout(Duration::from_secs(30), async {
+        while running.log.last_seq(partition).await.expect("partition") < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(appended.is_ok(), "event not appended to the stream");
+
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn errors_map_to_status_codes() {
+    let running = start(Config::default()).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+
+    let invalid = client
+        .publish(publish_request("news", "{oops", ""))
+        .await
+        .expect_err("invalid");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(
+        invalid.message().starts_with("data is not valid JSON"),
+        "{}",
+        invalid.message()
+    );
+
+    let first = client
+        .publish(publish_request("news", "1", "key-1"))
+        .await
+        .expect("publish")
+        .into_inner();
+    let retry = client
+        .publish(publish_request("news", "1", "key-1"))
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!(
+        (retry.id.as_str(), retry.position, retry.duplicate),
+        (first.id.as_str(), first.position, true)
+    );
+    let reused = client
+        .publish(publish_request("news", "2", "key-1"))
+        .await
+        .expect_err("reused key");
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    assert!(reused.message().contains(&first.id), "{}", reused.message());
+
+    let missing = client
+        .read_partition(ReadPartitionRequest {
+            partition: 16,
+            after: 0,
+            limit: 0,
+        })
+        .await
+        .expect_err("no such partition");
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    let bad_channel = client
+        .history(HistoryRequest {
+            channel: "a b".into(),
+            since: 0,
+            limit: 0,
+        })
+        .await
+        .expect_err("bad channel");
+    assert_eq!(bad_channel.code(), Code::InvalidArgument);
+
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn probes_report_health_and_drain() {
+    let config = Config {
+        shutdown_grace: Duration::from_secs(2),
+        ..Config::default()
+    };
+    let running = start(config).await;
+    let mut health = HealthClient::new(channel(running.grpc).await);
+    for service in [SERVICE, ""] {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request).await.expect("health check").into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    assert_eq!(http_get(running.http, "/healthz").await, (200, "ok".to_owned()));
+    assert_eq!(http_get(running.http, "/readyz").await, (200, "ready".to_owned()));
+
+    // A watch stream stays open through the shutdown, so it receives the status change, and it
+    // keeps the drain going until the grace period ends.
+    let request = HealthCheckRequest {
+        service: SERVICE.into(),
+    };
+    let mut watch = health.watch(request).await.expect("watch").into_inner();
+    let first = watch.message().await.expect("watch message").expect("status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let (http, stop_tx, task) = (running.http, running.stop, running.task);
+    stop_tx.send(()).expect("server running");
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await;
+    let status = next
+        .expect("status change in time")
+        .expect("watch message")
+        .expect("status");
+    assert_eq!(status.status, ServingStatus::NotServing as i32);
+    assert_eq!(http_get(http, "/readyz").await, (503, "draining".to_owned()));
+
+    let result = tokio::time::timeout(Duration::from_secs(30), task).await;
+    result
+        .expect("serve returns")
+        .expect("serve task")
+        .expect("serve succeeds");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_service() {
+    let running = start(Config::default()).await;
+    let mut reflection = ServerReflectionClient::new(channel(running.grpc).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let response = responses.message().await.expect("response").expect("one message");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list, got {:?}", response.message_response);
+    };
+    let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    assert!(names.contains(&SERVICE.to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    drop(responses);
+
+    stop(running).await;
+}
