@@ -1,1 +1,46 @@
-//! placeholder
+//! The WebSocket edge: authenticates browser clients, reads every stream partition once, and fans
+//! each event out to the local sockets subscribed to its channel, encoded once and shared.
+//!
+//! Layout:
+//! - [`config`]: settings, each a flag and an environment variable.
+//! - [`server`]: [`serve`], the shared [`server::Edge`] state, readiness and the drain.
+//! - [`routes`]: the warp filters for `/ws`, `/healthz`, `/readyz` and the demo page.
+//! - [`upgrade`]: the WebSocket handshake, with small per-socket buffers.
+//! - [`session`]: one socket's life: authentication, the reader loop, subscriptions, the end.
+//! - [`writer`]: one socket's writer task: batched writes, pings, close codes.
+//! - [`outbound`]: the bounded per-socket queue that the fan-out pushes into without waiting.
+//! - [`frames`]: the client protocol's requests and control replies.
+//! - [`auth`]: token verification and channel authorization.
+//! - [`hub`]: channel to local subscribers, one shard per partition.
+//! - [`recent`]: each partition's window of recent events, which serves most resumes.
+//! - [`fanout`]: the stream reader: per-partition cursors, duplicate drop, gap fill.
+//! - [`recovery`]: replay from `since` out of the stream or the store.
+//! - [`coalesce`]: sharing of identical in-flight reads among recoveries.
+//! - [`backoff`]: retry delays.
+//! - [`stream`]: the Redis Streams [`notify_proto::log::LogReader`].
+//! - [`history_client`]: the notifier's gRPC API as a [`notify_proto::history::HistoryStore`].
+//! - [`demo`]: the embedded demo page and its settings.
+
+pub mod auth;
+pub mod backoff;
+pub mod coalesce;
+pub mod config;
+pub mod demo;
+pub mod fanout;
+pub mod frames;
+pub mod history_client;
+pub mod hub;
+pub mod outbound;
+pub mod recent;
+pub mod recovery;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod stream;
+#[cfg(test)]
+mod testing;
+pub mod upgrade;
+pub mod writer;
+
+pub use config::Config;
+pub use server::serve;

@@ -1,0 +1,218 @@
+//! The bounded outbound queue of one socket. The fan-out and the session push frames without
+//! waiting; the socket's writer task takes everything queued at once and writes it with one flush.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use notify_proto::protocol::close;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Capacity of a queue. A push that would exceed either limit overflows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Maximum number of frames waiting.
+    pub frames: usize,
+    /// Maximum total size of the frames waiting, in bytes.
+    pub bytes: usize,
+}
+
+/// The way the writer ends the socket, after the frames queued before the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Send a close frame with this code and reason.
+    Close(u16, &'static str),
+    /// Flush what tungstenite still buffers (such as the reply to a client's close) and stop.
+    Stop,
+}
+
+/// Error of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The queue was full: it dropped its frames and now ends the socket with 4008.
+    #[error("outbound queue full")]
+    Overflow,
+    /// The queue is already ending; the frame was dropped.
+    #[error("socket is closing")]
+    Closing,
+}
+
+/// A bounded queue of text frames for one socket.
+///
+/// Capacity: [`QueueLimits`]. Overflow: the queued frames are dropped and the socket is closed
+/// with [`close::SLOW_CONSUMER`]; the client reconnects and resumes with `since`. Frames are
+/// shared (`Utf8Bytes` is reference-counted), so a queue holds references, and its byte count is
+/// the size of the frames it would write, not memory owned by this socket alone.
+pub struct Outbound {
+    state: Mutex<State>,
+    /// Wakes the writer. `notify_one` keeps a permit when the writer is busy, so no push is missed.
+    ready: Notify,
+    limits: QueueLimits,
+}
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    ending: Option<Ending>,
+}
+
+impl Outbound {
+    /// Creates an empty queue.
+    pub fn new(limits: QueueLimits) -> Self {
+        Self {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a frame without waiting.
+    ///
+    /// # Errors
+    /// Fails when the queue is full, which also starts closing the socket, or already closing.
+    pub fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+        let mut state = self.lock();
+        if state.ending.is_some() {
+            return Err(PushError::Closing);
+        }
+        let fits = state.frames.len() < self.limits.frames && state.bytes + frame.len() <= self.limits.bytes;
+        if !fits {
+            state.frames.clear();
+            state.bytes = 0;
+            state.ending = Some(Ending::Close(close::SLOW_CONSUMER, "outbound queue full"));
+            drop(state);
+            self.ready.notify_one();
+            return Err(PushError::Overflow);
+        }
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Asks the writer to end the socket after the frames already queued. The first ending wins.
+    pub fn end(&self, ending: Ending) {
+        let mut state = self.lock();
+        if state.ending.is_none() {
+            state.ending = Some(ending);
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Returns the queue's capacity.
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
+    }
+
+    /// Returns whether the socket is ending.
+    pub fn is_ending(&self) -> bool {
+        self.lock().ending.is_some()
+    }
+
+    /// Moves every queued frame into `batch` and returns the ending, if one was requested.
+    pub fn drain_into(&self, batch: &mut Vec<Utf8Bytes>) -> Option<Ending> {
+        let mut state = self.lock();
+        batch.extend(state.frames.drain(..));
+        state.bytes = 0;
+        state.ending
+    }
+
+    /// Waits until a frame or an ending is pushed after the last wait returned.
+    pub async fn wait(&self) {
+        self.ready.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(frames: usize, bytes: usize) -> Outbound {
+        Outbound::new(QueueLimits { frames, bytes })
+    }
+
+    fn drain(queue: &Outbound) -> (Vec<String>, Option<Ending>) {
+        let mut batch = Vec::new();
+        let ending = queue.drain_into(&mut batch);
+        (batch.iter().map(|frame| frame.as_str().to_owned()).collect(), ending)
+    }
+
+    #[test]
+    fn frames_drain_in_order() {
+        let queue = queue(4, 100);
+        queue.push("a".into()).expect("fits");
+        queue.push("b".into()).expect("fits");
+        assert_eq!(drain(&queue), (vec!["a".into(), "b".into()], None));
+        assert_eq!(drain(&queue), (vec![], None));
+    }
+
+    #[test]
+    fn frame_limit_overflows() {
+        let queue = queue(2, 100);
+        queue.push("a".into()).expect("fits");
+        queue.push("b".into()).expect("fits");
+        assert_eq!(queue.push("c".into()), Err(PushError::Overflow));
+        let slow = Ending::Close(close::SLOW_CONSUMER, "outbound queue full");
+        assert_eq!(drain(&queue), (vec![], Some(slow)));
+    }
+
+    #[test]
+    fn byte_limit_overflows() {
+        let queue = queue(100, 5);
+        queue.push("abc".into()).expect("fits");
+        queue.push("de".into()).expect("exactly fits");
+        assert_eq!(queue.push("f".into()), Err(PushError::Overflow));
+        assert!(queue.is_ending());
+    }
+
+    #[test]
+    fn draining_frees_capacity() {
+        let queue = queue(1, 100);
+        queue.push("a".into()).expect("fits");
+        drain(&queue);
+        assert_eq!(queue.push("b".into()), Ok(()));
+    }
+
+    #[test]
+    fn push_after_overflow_is_dropped() {
+        let queue = queue(1, 100);
+        queue.push("a".into()).expect("fits");
+        assert_eq!(queue.push("b".into()), Err(PushError::Overflow));
+        assert_eq!(queue.push("c".into()), Err(PushError::Closing));
+    }
+
+    #[test]
+    fn first_ending_wins_and_keeps_frames() {
+        let queue = queue(4, 100);
+        queue.push("a".into()).expect("fits");
+        queue.end(Ending::Close(close::SERVICE_RESTART, "restart"));
+        queue.end(Ending::Stop);
+        assert_eq!(
+            drain(&queue),
+            (vec!["a".into()], Some(Ending::Close(close::SERVICE_RESTART, "restart")))
+        );
+    }
+
+    #[tokio::test]
+    async fn push_wakes_waiting_writer() {
+        let queue = std::sync::Arc::new(queue(4, 100));
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.wait().await }
+        });
+        tokio::task::yield_now().await;
+        queue.push("a".into()).expect("fits");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("writer woke up")
+            .expect("waiter task");
+    }
+}

@@ -1,0 +1,449 @@
+//! The life of one socket.
+//!
+//! 1. Authenticate: the token comes from the URL or the `Authorization` header, or else from an
+//!    `auth` frame within [`AUTH_TIMEOUT`]. Nothing but a close frame is sent before the token
+//!    is verified: 4001 without a token, 4002 with an invalid one.
+//! 2. Run: the writer task ([`crate::writer`]) drains the socket's outbound queue, while this
+//!    task reads client frames and replies to them through the same queue.
+//! 3. End together: when the reader stops (peer closed, read error, token expired), it requests
+//!    the ending through the queue and waits for the writer. When the writer stops (slow
+//!    consumer, shutdown, idle peer, write error), the reader stops too. Then every subscription
+//!    is removed from the hub.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use notify_proto::claims::Claims;
+use notify_proto::protocol::{close, error_code};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tracing::Instrument;
+
+use crate::auth::{ChannelError, Verifier};
+use crate::frames::{self, Reply, Request};
+use crate::hub::{HeadError, Registration, Socket, Subscription};
+use crate::outbound::{Ending, Outbound};
+use crate::recovery::RecoveryError;
+use crate::server::Edge;
+use crate::writer::{self, Activity, WRITE_TIMEOUT, WriteError};
+
+/// Time a client has to send its `auth` frame when the URL carries no token.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a subscription waits for the stream reader to reach the requested position (another edge
+/// may have delivered it a moment earlier) or to start.
+pub const HEAD_WAIT: Duration = Duration::from_secs(1);
+/// Maximum time a token is trusted, whatever its `exp`, so that the expiry timer stays in range.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A close code and reason sent before authentication completes.
+type Rejection = (u16, &'static str);
+
+/// Runs one upgraded socket to its end. `token` is the token from the URL or header, if any.
+pub async fn run<S>(socket: S, edge: Arc<Edge>, token: Option<String>)
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Sink<Message, Error = tungstenite::Error>,
+    S: Send + Unpin + 'static,
+{
+    let (mut sink, mut stream) = socket.split();
+    let authenticated = tokio::select! {
+        result = authenticate(&mut stream, &edge.verifier, token) => result,
+        () = edge.shutdown.cancelled() => Err((close::SERVICE_RESTART, "server restarting")),
+    };
+    let claims = match authenticated {
+        Ok(claims) => claims,
+        Err((code, reason)) => {
+            tracing::debug!(code, reason, "rejected socket before authentication");
+            let frame = CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            };
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            return;
+        }
+    };
+
+    let session = Session::new(edge, claims);
+    let span = tracing::Span::current();
+    span.record("user_id", session.socket.user_id.as_str());
+    span.record("conn_id", session.socket.conn_id.as_str());
+    tracing::debug!("socket authenticated");
+    let writer = tokio::spawn(
+        writer::run(
+            sink,
+            session.socket.clone(),
+            session.activity.clone(),
+            session.edge.shutdown.clone(),
+        )
+        .instrument(span),
+    );
+    session.run(stream, writer).await;
+}
+
+/// Returns the verified claims, or the close code to reject the socket with.
+async fn authenticate<S>(stream: &mut S, verifier: &Verifier, token: Option<String>) -> Result<Claims, Rejection>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    let token = match token.filter(|token| !token.is_empty()) {
+        Some(token) => token,
+        None => auth_frame_token(stream).await?,
+    };
+    verifier.verify(&token).map_err(|err| {
+        tracing::debug!(error = %err, "token rejected");
+        (close::INVALID_TOKEN, "invalid token")
+    })
+}
+
+/// Waits for the first frame, which must be `{"type":"auth","token":..}`.
+async fn auth_frame_token<S>(stream: &mut S) -> Result<String, Rejection>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    const NO_TOKEN: Rejection = (close::NO_TOKEN, "no token");
+    let deadline = Instant::now() + AUTH_TIMEOUT;
+    loop {
+        let message = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .map_err(|_| NO_TOKEN)?;
+        return match message {
+            // tungstenite replies to pings itself; they do not count as the first frame.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(text))) => match frames::parse_request(&text) {
+                Ok(Request::Auth { token }) => Ok(token),
+                _ => Err(NO_TOKEN),
+            },
+            Some(Err(tungstenite::Error::Capacity(_))) => Err((close::MESSAGE_TOO_BIG, "message too big")),
+            _ => Err(NO_TOKEN),
+        };
+    }
+}
+
+/// Next step of the reader after a client frame.
+enum Flow {
+    Continue,
+    End(Ending),
+}
+
+/// Outcome of one recovery task: the subscription it replayed, and whether it succeeded.
+type Recovered = (Arc<Subscription>, Result<(), RecoveryError>);
+
+/// An authenticated socket's reader side and its subscriptions.
+struct Session {
+    edge: Arc<Edge>,
+    socket: Arc<Socket>,
+    activity: Arc<Activity>,
+    claims: Claims,
+    /// When the token expires: `exp` plus the leeway.
+    expires: Instant,
+    /// Subscriptions by channel. Capacity: `MAX_SUBSCRIPTIONS`; more are refused with an error frame.
+    subscriptions: HashMap<String, Arc<Subscription>>,
+    /// Replays in progress, at most one per subscription; dropped (and aborted) with the session.
+    recoveries: JoinSet<Recovered>,
+}
+
+impl Session {
+    fn new(edge: Arc<Edge>, claims: Claims) -> Self {
+        let socket = Arc::new(Socket {
+            conn_id: uuid::Uuid::now_v7().to_string(),
+            user_id: claims.sub.clone(),
+            queue: Outbound::new(edge.limits.queue),
+        });
+        let expires = expiry(&claims, edge.limits.jwt_leeway);
+        Self {
+            edge,
+            socket,
+            activity: Arc::new(Activity::default()),
+            claims,
+            expires,
+            subscriptions: HashMap::new(),
+            recoveries: JoinSet::new(),
+        }
+    }
+
+    /// Sends `connected`, reads until either side ends, then cleans up.
+    async fn run<S>(mut self, mut stream: S, mut writer: JoinHandle<Result<Ending, WriteError>>)
+    where
+        S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    {
+        let connected = Reply::Connected {
+            user_id: &self.socket.user_id,
+            conn_id: &self.socket.conn_id,
+            expires_at: self.claims.exp,
+        };
+        self.send(connected.encode());
+
+        let writer_done = self.read_loop(&mut stream, &mut writer).await;
+        for subscription in self.subscriptions.values() {
+            self.edge.hub.unregister(subscription);
+        }
+        self.recoveries.abort_all();
+        let result = match writer_done {
+            Some(result) => result,
+            None => finish_writer(writer).await,
+        };
+        match result {
+            Ok(ending) => tracing::debug!(?ending, "socket closed"),
+            Err(err) => tracing::debug!(error = %err, "socket dropped"),
+        }
+    }
+
+    /// Reads client frames until the socket ends. Returns the writer's result when the writer
+    /// ended first.
+    async fn read_loop<S>(
+        &mut self,
+        stream: &mut S,
+        writer: &mut JoinHandle<Result<Ending, WriteError>>,
+    ) -> Option<Result<Ending, WriteError>>
+    where
+        S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    {
+        loop {
+            let ending = tokio::select! {
+                result = &mut *writer => return Some(result.unwrap_or_else(|err| Err(WriteError::Failed(err.to_string())))),
+                () = tokio::time::sleep_until(self.expires) => Ending::Close(close::TOKEN_EXPIRED, "token expired"),
+                Some(joined) = self.recoveries.join_next(), if !self.recoveries.is_empty() => {
+                    if let Ok(recovered) = joined {
+                        self.recovered(recovered);
+                    }
+                    continue;
+                }
+                message = stream.next() => match self.handle(message).await {
+                    Flow::Continue => continue,
+                    Flow::End(ending) => ending,
+                },
+            };
+            self.socket.queue.end(ending);
+            return None;
+        }
+    }
+
+    /// Handles one item from the socket's stream.
+    async fn handle(&mut self, message: Option<Result<Message, tungstenite::Error>>) -> Flow {
+        let message = match message {
+            None => return Flow::End(Ending::Stop),
+            Some(Err(tungstenite::Error::Capacity(err))) => {
+                tracing::debug!(error = %err, "client message too big");
+                return Flow::End(Ending::Close(close::MESSAGE_TOO_BIG, "message too big"));
+            }
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "socket read failed");
+                return Flow::End(Ending::Stop);
+            }
+            Some(Ok(message)) => message,
+        };
+        self.activity.touch();
+        match message {
+            Message::Text(text) => self.handle_text(&text).await,
+            Message::Binary(_) => {
+                self.send_error(
+                    error_code::BAD_REQUEST,
+                    "binary frames are not supported; send JSON text",
+                    None,
+                );
+                Flow::Continue
+            }
+            Message::Close(_) => Flow::End(Ending::Stop),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Flow::Continue,
+        }
+    }
+
+    async fn handle_text(&mut self, text: &str) -> Flow {
+        let request = match frames::parse_request(text) {
+            Ok(request) => request,
+            Err(err) => {
+                self.send_error(err.code(), &err.to_string(), None);
+                return Flow::Continue;
+            }
+        };
+        match request {
+            Request::Ping => self.send(Reply::Pong.encode()),
+            Request::Subscribe { channel, since } => self.subscribe(channel, since).await,
+            Request::Unsubscribe { channel } => self.unsubscribe(&channel),
+            Request::Refresh { token } => return self.refresh(&token),
+            Request::Auth { .. } => {
+                let message = "the socket is already authenticated; send refresh to replace the token";
+                self.send_error(error_code::BAD_REQUEST, message, None);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Replaces the token with a newer one for the same user, moving the expiry.
+    fn refresh(&mut self, token: &str) -> Flow {
+        let claims = match self.edge.verifier.verify(token) {
+            Ok(claims) => claims,
+            Err(err) => {
+                tracing::debug!(error = %err, "refresh token rejected");
+                return Flow::End(Ending::Close(close::INVALID_TOKEN, "invalid token"));
+            }
+        };
+        if claims.sub != self.claims.sub {
+            self.send_error(error_code::FORBIDDEN, "the new token is for another user", None);
+            return Flow::Continue;
+        }
+        self.expires = expiry(&claims, self.edge.limits.jwt_leeway);
+        self.send(Reply::Refreshed { expires_at: claims.exp }.encode());
+        self.claims = claims;
+        Flow::Continue
+    }
+
+    /// Subscribes to a channel, replaying from `since` when given.
+    async fn subscribe(&mut self, channel: String, since: Option<serde_json::Value>) {
+        let since = match self.check_subscribe(&channel, since) {
+            Ok(since) => since,
+            Err((code, message)) => return self.send_error(code, &message, Some(&channel)),
+        };
+        if let Some(previous) = self.subscriptions.remove(&channel) {
+            self.edge.hub.unregister(&previous);
+        }
+
+        // Wait briefly for the stream reader to start or to reach `since`.
+        let partition = self.edge.hub.partition_of(&channel);
+        let waited = self
+            .edge
+            .hub
+            .wait_for_head(partition, since.unwrap_or(0), HEAD_WAIT)
+            .await;
+        if let Err(err) = waited {
+            return self.send_head_error(err, since, &channel);
+        }
+
+        // Register, then send `subscribed` and the replay before going live.
+        let subscription = Arc::new(Subscription::new(self.socket.clone(), channel.clone(), partition));
+        let registration = match self.edge.hub.register(&subscription, since) {
+            Ok(registration) => registration,
+            Err(err) => return self.send_head_error(err, since, &channel),
+        };
+        self.subscriptions.insert(channel, subscription.clone());
+        self.start_delivery(subscription, since, registration);
+    }
+
+    /// Sends `subscribed` and the replay, then switches the subscription live. A replay that
+    /// needs the stream or the store runs as a task, so that the socket keeps serving requests.
+    fn start_delivery(&mut self, subscription: Arc<Subscription>, since: Option<u64>, registration: Registration) {
+        let head = registration.head;
+        let recent = match (since, registration.recent) {
+            (Some(since), None) => {
+                let recovery = self.edge.recovery.clone();
+                let replay = async move {
+                    let result = recovery.replay(&subscription, since, head).await;
+                    (subscription, result)
+                };
+                self.recoveries.spawn(replay.in_current_span());
+                return;
+            }
+            (_, recent) => recent.unwrap_or_default(),
+        };
+        let subscribed = Reply::Subscribed {
+            channel: subscription.channel(),
+            position: head,
+            recovered: since.map(|_| true),
+        };
+        let frames = std::iter::once(subscribed.encode()).chain(recent);
+        for frame in frames {
+            if !subscription.send(frame) {
+                return;
+            }
+        }
+        subscription.go_live(head);
+    }
+
+    /// Checks a subscribe request before any waiting: the channel, `since` and the limit.
+    fn check_subscribe(
+        &self,
+        channel: &str,
+        since: Option<serde_json::Value>,
+    ) -> Result<Option<u64>, (&'static str, String)> {
+        if let Err(err) = self.edge.policy.authorize(&self.claims, channel) {
+            let code = match err {
+                ChannelError::Invalid(_) => error_code::INVALID_CHANNEL,
+                ChannelError::Forbidden(_) => error_code::FORBIDDEN,
+            };
+            return Err((code, err.to_string()));
+        }
+        let since = since.map(|since| frames::parse_since(&since)).transpose();
+        let since = since.map_err(|message| (error_code::INVALID_POSITION, message))?;
+        let max = self.edge.limits.max_subscriptions;
+        if !self.subscriptions.contains_key(channel) && self.subscriptions.len() >= max {
+            let message = format!("a socket may hold at most {max} subscriptions; unsubscribe first");
+            return Err((error_code::TOO_MANY_SUBSCRIPTIONS, message));
+        }
+        Ok(since)
+    }
+
+    fn send_head_error(&self, err: HeadError, since: Option<u64>, channel: &str) {
+        match err {
+            HeadError::NotReady => {
+                let message = "the edge is not reading the stream yet; retry shortly";
+                self.send_error(error_code::UNAVAILABLE, message, Some(channel));
+            }
+            HeadError::Behind { head } => {
+                let since = since.unwrap_or_default();
+                let message = format!("since {since} is ahead of the channel's position {head}");
+                self.send_error(error_code::INVALID_POSITION, &message, Some(channel));
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        match self.subscriptions.remove(channel) {
+            Some(subscription) => {
+                self.edge.hub.unregister(&subscription);
+                self.send(Reply::Unsubscribed { channel }.encode());
+            }
+            None => self.send_error(
+                error_code::NOT_SUBSCRIBED,
+                "the channel is not subscribed",
+                Some(channel),
+            ),
+        }
+    }
+
+    /// Handles a finished replay: a failed one drops its subscription and sends an error frame.
+    fn recovered(&mut self, (subscription, result): Recovered) {
+        let Err(err) = result else { return };
+        tracing::warn!(channel = subscription.channel(), error = %err, "replay failed");
+        self.edge.hub.unregister(&subscription);
+        let channel = subscription.channel();
+        if self
+            .subscriptions
+            .get(channel)
+            .is_some_and(|current| Arc::ptr_eq(current, &subscription))
+        {
+            self.subscriptions.remove(channel);
+            let message = "missed events could not be read; subscribe again later";
+            self.send_error(error_code::UNAVAILABLE, message, Some(channel));
+        }
+    }
+
+    fn send(&self, frame: Utf8Bytes) {
+        // A full queue ends the socket by itself; the writer then stops the reader.
+        let _ = self.socket.queue.push(frame);
+    }
+
+    fn send_error(&self, code: &str, message: &str, channel: Option<&str>) {
+        self.send(frames::error(code, message, channel));
+    }
+}
+
+/// Waits for the writer to send its close frame, and aborts it when that takes too long.
+async fn finish_writer(mut writer: JoinHandle<Result<Ending, WriteError>>) -> Result<Ending, WriteError> {
+    match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
+        Ok(joined) => joined.unwrap_or_else(|err| Err(WriteError::Failed(err.to_string()))),
+        Err(_) => {
+            writer.abort();
+            Err(WriteError::TimedOut)
+        }
+    }
+}
+
+/// Returns when a token stops being valid: its `exp` plus the leeway, at most a year ahead.
+fn expiry(claims: &Claims, leeway: Duration) -> Instant {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let left = Duration::from_secs(claims.exp).saturating_sub(now) + leeway;
+    Instant::now() + left.min(MAX_TOKEN_LIFETIME)
+}
