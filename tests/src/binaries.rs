@@ -81,6 +81,14 @@ fn build() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Returns the path of a workspace binary, building the binaries first if needed.
+///
+/// # Errors
+/// Fails when the build fails.
+pub async fn path(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(tokio::task::spawn_blocking(ensure_built).await??.join(name))
+}
+
 /// Starts a binary with arguments and environment, and waits until it has logged a listening
 /// line for each service in `services`.
 ///
@@ -93,8 +101,7 @@ pub async fn start(
     services: &[&str],
     log_path: PathBuf,
 ) -> anyhow::Result<Process> {
-    let dir = tokio::task::spawn_blocking(ensure_built).await??;
-    let mut command = Command::new(dir.join(name));
+    let mut command = Command::new(path(name).await?);
     command
         .args(args)
         .envs(vars.iter().map(|(key, value)| (*key, value.as_str())));

@@ -1,0 +1,239 @@
+//! Reconnect storm: N subscribed sockets and events published at a steady rate, while the edge
+//! restarts under them (SIGTERM, then a new edge on the same address). Each socket reconnects
+//! with backoff and resumes with `since`. Reports how long until 99% of the sockets had every
+//! event published up to the moment the new edge listened, and what was lost or duplicated.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use super::{Common, minter, with_deployment};
+use crate::client::{Fleet, FleetReport};
+use crate::deploy::{Deployment, Restart, Target};
+use crate::publisher::{OpenLoop, run_open_loop};
+use crate::report::{Row, number};
+
+/// Options of the reconnect-storm scenario.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StormArgs {
+    /// Subscribed sockets.
+    #[arg(long, default_value_t = 10_000)]
+    pub sockets: usize,
+    /// Events per second, published throughout.
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Seconds of publishing before the restart.
+    #[arg(long, default_value_t = 3)]
+    pub before_secs: u64,
+    /// Seconds of publishing after the restart starts.
+    #[arg(long, default_value_t = 10)]
+    pub after_secs: u64,
+    /// Seconds the old edge may take to drain before it is killed.
+    #[arg(long, default_value_t = 15)]
+    pub grace_secs: u64,
+    /// Seconds to wait for late deliveries after the last acknowledgement.
+    #[arg(long, default_value_t = 10)]
+    pub drain_secs: u64,
+    /// Options every scenario takes.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Result of one reconnect storm.
+#[derive(Debug, Clone, Serialize)]
+pub struct StormResult {
+    /// Always `reconnect-storm`.
+    pub scenario: &'static str,
+    /// System under test.
+    pub target: Target,
+    /// Sockets subscribed before the restart.
+    pub sockets: usize,
+    /// Events per second.
+    pub rate: f64,
+    /// Restart timings.
+    pub restart: Restart,
+    /// Sockets that had every event up to the catch-up target by the end.
+    pub caught_up: usize,
+    /// Time from SIGTERM until 50% of the sockets were caught up, in milliseconds.
+    pub caught_up_50_ms: Option<f64>,
+    /// Time from SIGTERM until 99% of the sockets were caught up, in milliseconds.
+    pub caught_up_99_ms: Option<f64>,
+    /// Time from SIGTERM until every socket was caught up, in milliseconds.
+    pub caught_up_all_ms: Option<f64>,
+    /// Publishes that failed or were not acknowledged.
+    pub publish_failures: u64,
+    /// Deliveries expected.
+    pub expected: u64,
+    /// Distinct deliveries.
+    pub delivered: u64,
+    /// Expected deliveries that never arrived.
+    pub lost: u64,
+    /// Deliveries of an event id the socket already had.
+    pub duplicates: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// Failed reconnect attempts.
+    pub failed_reconnects: u64,
+    /// Sockets that gave up reconnecting.
+    pub gave_up: u64,
+    /// Close codes the sockets received (0: ended without a close frame).
+    pub closes: BTreeMap<u16, u64>,
+}
+
+impl Row for StormResult {
+    fn columns(&self) -> Vec<&'static str> {
+        vec![
+            "target",
+            "sockets",
+            "rate/s",
+            "old edge exited ms",
+            "new edge listening ms",
+            "50% caught up ms",
+            "99% caught up ms",
+            "all caught up ms",
+            "lost",
+            "dup",
+            "failed reconnects",
+        ]
+    }
+
+    fn cells(&self) -> Vec<String> {
+        let ms = |duration: Duration| number(Some(duration.as_secs_f64() * 1000.0), 0);
+        vec![
+            self.target.name().to_owned(),
+            self.sockets.to_string(),
+            self.rate.to_string(),
+            ms(self.restart.stopped_after),
+            ms(self.restart.listening_after),
+            number(self.caught_up_50_ms, 0),
+            number(self.caught_up_99_ms, 0),
+            number(self.caught_up_all_ms, 0),
+            self.lost.to_string(),
+            self.duplicates.to_string(),
+            self.failed_reconnects.to_string(),
+        ]
+    }
+}
+
+/// Runs the reconnect storm on a fresh deployment of the edge.
+///
+/// # Errors
+/// Fails for the ceiling target, when the deployment does not start, no socket connects, or the
+/// edge does not come back.
+pub async fn run(args: &StormArgs) -> anyhow::Result<StormResult> {
+    if args.common.target != Target::Edge {
+        bail!("the reconnect storm restarts the edge, so it needs --target edge");
+    }
+    let options = args.common.deploy_options(true)?;
+    with_deployment(options, async |deployment| measure(deployment, args).await).await
+}
+
+async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Result<StormResult> {
+    // Connect every socket with reconnects on, and start publishing.
+    let config = args.common.fleet_config(deployment, args.sockets, 1, true)?;
+    let fleet = Fleet::connect(config.clone(), minter()?).await?;
+    let plan = OpenLoop {
+        rate: args.rate,
+        events: (args.rate * (args.before_secs + args.after_secs) as f64).ceil() as u64,
+        channels: config.channels,
+    };
+    let next_tick = Arc::new(AtomicU64::new(0));
+    let target = deployment.publish;
+    let publisher = tokio::spawn({
+        let next_tick = next_tick.clone();
+        async move { run_open_loop(target, &plan, next_tick).await }
+    });
+
+    // Restart the edge; sockets count as caught up once they hold every event published up to
+    // the moment the new edge listens.
+    tokio::time::sleep(Duration::from_secs(args.before_secs)).await;
+    let sigterm_at = Instant::now();
+    let restart = deployment.restart_edge(Duration::from_secs(args.grace_secs)).await?;
+    fleet.set_catch_up_target(next_tick.load(Ordering::Relaxed));
+
+    // Finish publishing, wait for the deliveries, and account for every socket.
+    let published = publisher.await.context("the publisher task panicked")??;
+    let expected = fleet.expected_deliveries(&published.acked);
+    fleet
+        .wait_for_deliveries(expected, Duration::from_secs(args.drain_secs))
+        .await;
+    let sockets = args.sockets - fleet.connect_failures;
+    let report = fleet.finish().await;
+    let (expected, lost) = report.expected_and_lost(&published.acked);
+    let catch_up = CatchUp::of(&report, sigterm_at, sockets);
+    Ok(StormResult {
+        scenario: "reconnect-storm",
+        target: deployment.target,
+        sockets,
+        rate: args.rate,
+        restart,
+        caught_up: catch_up.count,
+        caught_up_50_ms: catch_up.quantile(0.50),
+        caught_up_99_ms: catch_up.quantile(0.99),
+        caught_up_all_ms: catch_up.quantile(1.0),
+        publish_failures: published.failures,
+        expected,
+        delivered: report.delivered,
+        lost,
+        duplicates: report.duplicates,
+        reconnects: report.sockets.iter().map(|socket| socket.reconnects).sum(),
+        failed_reconnects: report.sockets.iter().map(|socket| socket.failed_reconnects).sum(),
+        gave_up: report.sockets.iter().filter(|socket| socket.gave_up).count() as u64,
+        closes: report.closes(),
+    })
+}
+
+/// Catch-up times of the sockets, in milliseconds from SIGTERM, sorted.
+struct CatchUp {
+    times_ms: Vec<f64>,
+    count: usize,
+    sockets: usize,
+}
+
+impl CatchUp {
+    fn of(report: &FleetReport, sigterm_at: Instant, sockets: usize) -> Self {
+        let mut times_ms: Vec<f64> = report
+            .sockets
+            .iter()
+            .filter_map(|socket| socket.caught_up_at)
+            .map(|at| at.saturating_duration_since(sigterm_at).as_secs_f64() * 1000.0)
+            .collect();
+        times_ms.sort_by(f64::total_cmp);
+        Self {
+            count: times_ms.len(),
+            times_ms,
+            sockets,
+        }
+    }
+
+    /// Returns when the given fraction of all sockets was caught up, or `None` when fewer
+    /// sockets ever caught up.
+    fn quantile(&self, fraction: f64) -> Option<f64> {
+        let needed = ((self.sockets as f64) * fraction).ceil() as usize;
+        if needed == 0 {
+            return Some(0.0);
+        }
+        self.times_ms.get(needed - 1).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_counts_lagging_sockets() {
+        let catch_up = CatchUp {
+            times_ms: vec![10.0, 20.0, 30.0],
+            count: 3,
+            sockets: 4,
+        };
+        assert_eq!(catch_up.quantile(0.5), Some(20.0));
+        assert_eq!(catch_up.quantile(0.75), Some(30.0));
+        assert_eq!(catch_up.quantile(1.0), None);
+    }
+}
