@@ -32,6 +32,31 @@ pub enum Mode {
     Standalone,
 }
 
+/// Extra settings of a deployment, as environment variables of its processes.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Variables for the notifier (and for the single process in standalone mode).
+    pub notifier_env: Vec<(&'static str, String)>,
+    /// Variables for the edge (and for the single process in standalone mode).
+    pub edge_env: Vec<(&'static str, String)>,
+    /// Redis of the distributed mode, in place of the shared one.
+    pub redis_url: Option<String>,
+}
+
+impl Options {
+    /// Adds a variable for the notifier.
+    pub fn notifier(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.notifier_env.push((name, value.into()));
+        self
+    }
+
+    /// Adds a variable for the edge.
+    pub fn edge(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.edge_env.push((name, value.into()));
+        self
+    }
+}
+
 /// A running deployment. Dropping it stops the processes and removes the database, keys and
 /// data directory it created.
 pub struct TestEnv {
@@ -74,10 +99,18 @@ impl TestEnv {
     /// # Errors
     /// Fails when the database cannot be created or a process does not start.
     pub async fn start(mode: Mode) -> anyhow::Result<Self> {
+        Self::start_with(mode, Options::default()).await
+    }
+
+    /// Starts a deployment in the given mode with extra settings.
+    ///
+    /// # Errors
+    /// Fails when the database cannot be created or a process does not start.
+    pub async fn start_with(mode: Mode, options: Options) -> anyhow::Result<Self> {
         let id = format!("e2e_{}", uuid::Uuid::new_v4().simple());
         match mode {
-            Mode::Distributed => Self::start_distributed(id).await,
-            Mode::Standalone => Self::start_standalone(id).await,
+            Mode::Distributed => Self::start_distributed(id, options).await,
+            Mode::Standalone => Self::start_standalone(id, options).await,
         }
     }
 
@@ -101,10 +134,10 @@ impl TestEnv {
         Self::start(mode).await.map(Some)
     }
 
-    async fn start_distributed(id: String) -> anyhow::Result<Self> {
+    async fn start_distributed(id: String, options: Options) -> anyhow::Result<Self> {
         let database_url = create_database(&id).await?;
         let common = vec![
-            ("REDIS_URL", redis_url()),
+            ("REDIS_URL", options.redis_url.clone().unwrap_or_else(redis_url)),
             ("STREAM_PREFIX", id.clone()),
             ("STREAM_PARTITIONS", PARTITIONS.to_string()),
         ];
@@ -112,6 +145,7 @@ impl TestEnv {
         notifier_vars.push(("DATABASE_URL", database_url));
         notifier_vars.push(("NOTIFIER_LISTEN", "127.0.0.1:0".into()));
         notifier_vars.push(("NOTIFIER_HTTP_LISTEN", "127.0.0.1:0".into()));
+        notifier_vars.extend(options.notifier_env.iter().cloned());
         let log = |name: &str| work_dir().join("logs").join(format!("{id}-{name}.log"));
         let notifier = binaries::start("notifier", &[], &notifier_vars, &["grpc", "http"], log("notifier")).await?;
         let grpc = notifier.addr("grpc")?;
@@ -120,6 +154,7 @@ impl TestEnv {
         edge_vars.push(("JWT_SECRET", JWT_SECRET.into()));
         edge_vars.push(("EDGE_LISTEN", "127.0.0.1:0".into()));
         edge_vars.push(("NOTIFIER_URL", format!("http://{grpc}")));
+        edge_vars.extend(options.edge_env.iter().cloned());
         let edge_process = binaries::start("ws-edge", &[], &edge_vars, &["http"], log("ws-edge")).await?;
         let edge = edge_process.addr("http")?;
         let processes = vec![notifier, edge_process];
@@ -134,15 +169,16 @@ impl TestEnv {
         })
     }
 
-    async fn start_standalone(id: String) -> anyhow::Result<Self> {
+    async fn start_standalone(id: String, options: Options) -> anyhow::Result<Self> {
         let data_dir = work_dir().join("data").join(&id);
-        let vars = vec![
+        let mut vars = vec![
             ("NOTIFY_DATA_DIR", data_dir.display().to_string()),
             ("NOTIFIER_LISTEN", "127.0.0.1:0".into()),
             ("EDGE_LISTEN", "127.0.0.1:0".into()),
             ("JWT_SECRET", JWT_SECRET.into()),
             ("STREAM_PARTITIONS", PARTITIONS.to_string()),
         ];
+        vars.extend(options.notifier_env.into_iter().chain(options.edge_env));
         let log = work_dir().join("logs").join(format!("{id}-standalone.log"));
         let process = binaries::start("notify-standalone", &[], &vars, &["grpc", "http"], log).await?;
         let (grpc, edge) = (process.addr("grpc")?, process.addr("http")?);
