@@ -203,9 +203,13 @@ fn print_banner(
     println!();
     println!("  gRPC API        http://{grpc}");
     println!("  WebSocket       ws://{host}/ws");
-    println!("  Demo page       http://{host}/#token={token}");
+    // A token signed with a configured secret is a real credential, and stdout often ends up in
+    // a log collector, so only the development secret's token is printed.
     if let dev_secret::Secret::Development(_) = secret {
+        println!("  Demo page       http://{host}/#token={token}");
         println!("  Dev token       {token}   (user \"dev\", valid 24 h)");
+    } else {
+        println!("  Demo page       http://{host}/   (paste a token; JWT_SECRET is configured)");
     }
     println!();
     println!("  Publish to the channel \"news\":");

@@ -36,6 +36,10 @@ pub struct PublishArgs {
     /// Idempotency key: a retry with the same key returns the first event.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// API key, sent as `authorization: Bearer <key>`; needed when the notifier has
+    /// `PUBLISHER_KEYS`.
+    #[arg(long, env = "NOTIFY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Calls Publish and prints the response as `{"id":…,"position":…,"duplicate":…}`.
@@ -47,13 +51,19 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let mut client = NotifierClient::connect(args.addr.clone())
         .await
         .with_context(|| format!("connect to the notifier at {}", args.addr))?;
-    let request = PublishRequest {
+    let mut request = tonic::Request::new(PublishRequest {
         channel: args.channel,
         r#type: args.event_type,
         data: args.data,
         user_id: args.user_id.unwrap_or_default(),
         idempotency_key: args.idempotency_key.unwrap_or_default(),
-    };
+    });
+    if let Some(key) = &args.api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .context("the API key must be printable ASCII (NOTIFY_API_KEY)")?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let response = match client.publish(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => anyhow::bail!("publish failed: {:?}: {}", status.code(), status.message()),
@@ -65,6 +75,34 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     });
     println!("{output}");
     Ok(())
+}
+
+/// Arguments of `notifier hash-key`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HashKeyArgs {
+    /// The API key. Without it, the first line of standard input is read, which keeps the key
+    /// out of the shell history.
+    pub key: Option<String>,
+}
+
+/// Returns the SHA-256 hash (hex) of an API key, the form `PUBLISHER_KEYS` and `EDGE_KEYS` take.
+///
+/// # Errors
+/// Fails when standard input cannot be read or the key is empty.
+pub fn hash_key(args: HashKeyArgs) -> anyhow::Result<String> {
+    let key = match args.key {
+        Some(key) => key,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("read the key from standard input")?;
+            line
+        }
+    };
+    let key = key.trim();
+    anyhow::ensure!(!key.is_empty(), "the API key is empty");
+    Ok(crate::apikey::hex(&crate::apikey::hash_key(key)))
 }
 
 /// Arguments of `notifier token`.
@@ -126,6 +164,16 @@ mod tests {
         assert_eq!(claims.channels, vec!["news".to_owned(), "orders:*".to_owned()]);
         let iat = claims.iat.expect("iat set");
         assert_eq!(claims.exp, iat + 60);
+    }
+
+    #[test]
+    fn hash_key_prints_sha256_hex() {
+        let hash = hash_key(HashKeyArgs {
+            key: Some(" abc\n".into()),
+        })
+        .expect("hashed");
+        assert_eq!(hash, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert!(hash_key(HashKeyArgs { key: Some(" ".into()) }).is_err());
     }
 
     #[test]

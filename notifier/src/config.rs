@@ -2,11 +2,13 @@
 //! defaults. `CONFIG.md` in this crate lists every variable.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 pub use notify_proto::settings::{parse_duration, parse_positive};
 
 pub use notify_proto::channel::DEFAULT_PARTITIONS;
+use notify_proto::ratelimit::nonzero;
 
 /// Default address of the gRPC listener.
 pub const DEFAULT_GRPC_LISTEN: &str = "0.0.0.0:50051";
@@ -21,6 +23,14 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 65_536;
 /// Default capacity of each partition's publish queue. With the default payload limit, 16
 /// partitions hold at most 16 × 256 × 64 KiB = 256 MiB of queued payloads.
 pub const DEFAULT_PUBLISH_QUEUE: usize = 256;
+/// Default publish rate of one caller, per second. Generous: it stops a runaway client, not
+/// normal traffic.
+pub const DEFAULT_PUBLISH_RATE: NonZeroU32 = nonzero(1000);
+/// Default burst of one caller's publishes above [`DEFAULT_PUBLISH_RATE`].
+pub const DEFAULT_PUBLISH_BURST: NonZeroU32 = nonzero(2000);
+/// Default maximum number of callers with their own rate-limit bucket. A bucket takes about
+/// 100 bytes, so the store stays below a few MiB.
+pub const DEFAULT_PUBLISH_RATE_KEYS: usize = 10_000;
 /// Default time a stored event is kept before the retention sweeper deletes it: 7 days.
 pub const DEFAULT_STORE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default time an idempotency key is remembered: 24 hours.
@@ -57,6 +67,19 @@ pub struct Config {
     #[arg(long, env = "PUBLISH_QUEUE", default_value_t = DEFAULT_PUBLISH_QUEUE, value_parser = parse_positive)]
     pub publish_queue: usize,
 
+    /// Publishes per second allowed to one caller (keyed by API key, else by IP address); more fail with
+    /// RESOURCE_EXHAUSTED and a retry hint.
+    #[arg(long, env = "PUBLISH_RATE", default_value_t = DEFAULT_PUBLISH_RATE)]
+    pub publish_rate: NonZeroU32,
+
+    /// Publishes one caller may send at once above `PUBLISH_RATE`.
+    #[arg(long, env = "PUBLISH_BURST", default_value_t = DEFAULT_PUBLISH_BURST)]
+    pub publish_burst: NonZeroU32,
+
+    /// Maximum number of callers with their own rate-limit bucket; past it, new callers share one.
+    #[arg(long, env = "PUBLISH_RATE_KEYS", default_value_t = DEFAULT_PUBLISH_RATE_KEYS, value_parser = parse_positive)]
+    pub publish_rate_keys: usize,
+
     /// How long stored events are kept, as seconds or with a unit (`7d`, `36h`).
     #[arg(long, env = "STORE_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub store_retention: Duration,
@@ -68,6 +91,30 @@ pub struct Config {
     /// Maximum time the drain may take after a shutdown signal, as seconds or with a unit (`20s`).
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Comma-separated SHA-256 hashes (hex) of the publishers' API keys, each optionally limited
+    /// to channel prefixes: `<hash>:<prefix>|<prefix>`. When this or `EDGE_KEYS` is set, every
+    /// call needs `authorization: Bearer <key>`.
+    #[arg(long, env = "PUBLISHER_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub publisher_keys: Vec<String>,
+
+    /// Comma-separated SHA-256 hashes (hex) of the edges' API keys, which may call History,
+    /// ReadPartition and Heads but not Publish.
+    #[arg(long, env = "EDGE_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub edge_keys: Vec<String>,
+
+    /// PEM certificate chain of the gRPC listener; with `GRPC_TLS_KEY`, the listener speaks TLS.
+    #[arg(long, env = "GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of the gRPC listener's certificate.
+    #[arg(long, env = "GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificates that client certificates must chain to; when set, the gRPC listener
+    /// requires a client certificate (mutual TLS). Needs `GRPC_TLS_CERT`.
+    #[arg(long, env = "GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_tls_client_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -77,9 +124,17 @@ impl Default for Config {
             stream_max_len: DEFAULT_STREAM_MAXLEN,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             publish_queue: DEFAULT_PUBLISH_QUEUE,
+            publish_rate: DEFAULT_PUBLISH_RATE,
+            publish_burst: DEFAULT_PUBLISH_BURST,
+            publish_rate_keys: DEFAULT_PUBLISH_RATE_KEYS,
             store_retention: DEFAULT_STORE_RETENTION,
             idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            publisher_keys: Vec::new(),
+            edge_keys: Vec::new(),
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
+            grpc_tls_client_ca: None,
         }
     }
 }

@@ -24,6 +24,12 @@ pub enum Error {
         /// Partition whose queue is full.
         partition: u32,
     },
+    /// The caller exceeded its publish rate (`PUBLISH_RATE`, `PUBLISH_BURST`).
+    #[error("the publish rate limit is exceeded; retry after {retry_after_ms} ms")]
+    RateLimited {
+        /// Time until the caller's next publish is allowed, in milliseconds.
+        retry_after_ms: u32,
+    },
     /// The idempotency key was first used for an event with other content.
     #[error(
         "idempotency key {key:?} was already used for event {first_id} with a different channel, type, data or \
@@ -51,7 +57,12 @@ impl From<Error> for Status {
         let message = err.to_string();
         match err {
             Error::InvalidArgument(_) => Status::invalid_argument(message),
-            Error::QueueFull { .. } => Status::with_metadata(Code::ResourceExhausted, message, pushback()),
+            Error::QueueFull { .. } => {
+                Status::with_metadata(Code::ResourceExhausted, message, pushback(RETRY_PUSHBACK_MS))
+            }
+            Error::RateLimited { retry_after_ms } => {
+                Status::with_metadata(Code::ResourceExhausted, message, pushback(retry_after_ms))
+            }
             Error::IdempotencyConflict { .. } => Status::already_exists(message),
             Error::StoreUnavailable | Error::ShuttingDown => Status::unavailable(message),
             Error::History(HistoryError::NoSuchPartition { .. }) => Status::invalid_argument(message),
@@ -63,9 +74,9 @@ impl From<Error> for Status {
     }
 }
 
-fn pushback() -> MetadataMap {
+fn pushback(retry_after_ms: u32) -> MetadataMap {
     let mut metadata = MetadataMap::new();
-    metadata.insert(RETRY_PUSHBACK_TRAILER, MetadataValue::from(RETRY_PUSHBACK_MS));
+    metadata.insert(RETRY_PUSHBACK_TRAILER, MetadataValue::from(retry_after_ms));
     metadata
 }
 
@@ -79,6 +90,14 @@ mod tests {
         assert_eq!(status.code(), Code::ResourceExhausted);
         let pushback = status.metadata().get(RETRY_PUSHBACK_TRAILER).expect("pushback trailer");
         assert_eq!(pushback.to_str().ok(), Some("100"));
+    }
+
+    #[test]
+    fn rate_limit_carries_its_wait_as_pushback() {
+        let status = Status::from(Error::RateLimited { retry_after_ms: 7 });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let pushback = status.metadata().get(RETRY_PUSHBACK_TRAILER).expect("pushback trailer");
+        assert_eq!(pushback.to_str().ok(), Some("7"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!
 //! Layout:
 //! - [`config`]: settings from flags and environment variables, with their defaults.
+//! - [`apikey`]: the callers' API keys and what each may call.
 //! - [`error`]: the errors a call can end with, mapped to gRPC status codes in one place.
 //! - [`validate`]: checks of a publish request and its trace context.
 //! - [`store`]: the store of record on PostgreSQL or SQLite.
@@ -17,13 +18,16 @@
 //! - [`retention`]: deletes expired events and idempotency keys.
 //! - [`service`]: the `notify.v1.Notifier` gRPC service.
 //! - [`http`]: `/healthz` and `/readyz`.
-//! - [`cli`]: the `publish` and `token` developer commands.
+//! - [`limits`]: the per-caller publish rate limit and the counters of rejected publishes.
+//! - [`cli`]: the `publish`, `token` and `hash-key` developer commands.
 
+pub mod apikey;
 pub mod cli;
 pub mod committer;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod relay;
 pub mod retention;
 pub mod service;
@@ -45,8 +49,10 @@ use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::apikey::ApiKeys;
 use crate::committer::{Committers, Publisher};
 pub use crate::config::Config;
+use crate::limits::PublishLimiter;
 use crate::relay::{Lanes, Relay};
 use crate::service::NotifierService;
 use crate::store::Store;
@@ -84,6 +90,14 @@ pub async fn serve(
         config.partitions
     );
 
+    // Read the API keys first, so that a bad entry stops the start before anything runs.
+    let api_keys = ApiKeys::parse(&config.publisher_keys, &config.edge_keys)?;
+    if !api_keys.is_enabled() {
+        tracing::warn!(
+            "PUBLISHER_KEYS and EDGE_KEYS are unset; any gRPC caller may publish and read without an API key"
+        );
+    }
+
     // Start the committers, the relay and the retention sweeper.
     let (workers, publisher) = Workers::start(config, &store, log);
 
@@ -91,7 +105,8 @@ pub async fn serve(
     let draining = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let http_task = spawn_http(http, &store, &draining, &http_stop)?;
-    let service = NotifierService::new(publisher, store, config.max_payload_bytes);
+    let limiter = PublishLimiter::new(config.publish_rate, config.publish_burst, config.publish_rate_keys);
+    let service = NotifierService::new(publisher, store, config.max_payload_bytes, limiter).with_api_keys(api_keys);
     let served = serve_grpc(config, service, grpc, &draining, shutdown).await;
     let deadline = match &served {
         Ok(deadline) => *deadline,
@@ -176,11 +191,39 @@ fn grpc_routes(config: &Config, service: NotifierService) -> anyhow::Result<(Hea
         .build_v1()?;
     let request_limit = MIN_REQUEST_LIMIT.max(config.max_payload_bytes.saturating_add(REQUEST_OVERHEAD));
     let notifier = NotifierServer::new(service).max_decoding_message_size(request_limit);
-    let routes = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let routes = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(notifier);
     Ok((health, routes))
+}
+
+/// Reads `GRPC_TLS_CERT`, `GRPC_TLS_KEY` and `GRPC_TLS_CLIENT_CA` into tonic's TLS settings, or
+/// returns `None` when the listener speaks plain HTTP/2.
+fn tls_config(config: &Config) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use anyhow::Context;
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+    let read = |path: &std::path::Path, variable: &str| {
+        std::fs::read(path).with_context(|| format!("read {variable} {}", path.display()))
+    };
+    let (Some(cert), Some(key)) = (&config.grpc_tls_cert, &config.grpc_tls_key) else {
+        anyhow::ensure!(
+            config.grpc_tls_client_ca.is_none(),
+            "GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY"
+        );
+        return Ok(None);
+    };
+    let identity = Identity::from_pem(read(cert, "GRPC_TLS_CERT")?, read(key, "GRPC_TLS_KEY")?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &config.grpc_tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "GRPC_TLS_CLIENT_CA")?));
+    }
+    Ok(Some(tls))
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use notifier::cli::{PublishArgs, TokenArgs};
+use notifier::cli::{HashKeyArgs, PublishArgs, TokenArgs};
 use notifier::config::{MigrateArgs, ServeArgs};
 use notifier::store::Store;
 use notifier::stream::RedisLog;
@@ -47,6 +47,8 @@ enum Command {
     Publish(PublishArgs),
     /// Print an HS256 client token for the edge.
     Token(TokenArgs),
+    /// Print the SHA-256 hash of an API key, for PUBLISHER_KEYS and EDGE_KEYS.
+    HashKey(HashKeyArgs),
 }
 
 #[tokio::main]
@@ -67,6 +69,10 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Publish(args)) => notifier::cli::publish(args).await,
         Some(Command::Token(args)) => {
             println!("{}", notifier::cli::token(args)?);
+            Ok(())
+        }
+        Some(Command::HashKey(args)) => {
+            println!("{}", notifier::cli::hash_key(args)?);
             Ok(())
         }
     }

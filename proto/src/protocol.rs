@@ -35,7 +35,8 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4003;
     /// The client read too slowly and its outbound queue filled; reconnect and resume.
     pub const SLOW_CONSUMER: u16 = 4008;
-    /// The client sent messages faster than its rate limit allows.
+    /// The client kept sending messages faster than its rate limit allows, or its user has too
+    /// many sockets open (the close reason names which).
     pub const RATE_LIMITED: u16 = 4029;
 }
 
@@ -47,6 +48,9 @@ pub mod error_code {
     pub const INVALID_CHANNEL: &str = "invalid_channel";
     /// The token does not allow this channel.
     pub const FORBIDDEN: &str = "forbidden";
+    /// A `refresh` token is invalid: forged, expired, or not a token at all. The socket keeps
+    /// its current token and closes at that token's expiry.
+    pub const INVALID_TOKEN: &str = "invalid_token";
     /// The `since` position is malformed or ahead of the stream.
     pub const INVALID_POSITION: &str = "invalid_position";
     /// The socket already has the maximum number of subscriptions.
@@ -57,4 +61,7 @@ pub mod error_code {
     pub const UNKNOWN_TYPE: &str = "unknown_type";
     /// The server could not complete the request; retry later.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The message was dropped because the socket or its user sent too many; another one over
+    /// the limit soon after closes the socket with 4029.
+    pub const RATE_LIMITED: &str = "rate_limited";
 }

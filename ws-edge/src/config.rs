@@ -2,16 +2,24 @@
 //! `CONFIG.md` in this crate lists them all.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 pub use notify_proto::settings::{parse_duration, parse_positive};
 
 use notify_proto::channel::DEFAULT_PARTITIONS;
+use notify_proto::ratelimit::nonzero;
 
 /// Default address of the HTTP and WebSocket listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
-/// Default clock skew allowed when checking a token's `exp`.
+/// Default clock skew allowed when checking a token's `exp`, `nbf` and `iat`.
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(5);
+/// Default minimum time between two JWKS fetches caused by an unknown key id.
+pub const DEFAULT_JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time between two background JWKS refreshes.
+pub const DEFAULT_JWKS_REFRESH_INTERVAL: Duration = Duration::from_secs(600);
+/// Default time before a token's expiry at which the socket gets a `token_expiring` frame.
+pub const DEFAULT_TOKEN_EXPIRY_WARNING: Duration = Duration::from_secs(60);
 /// Default address of the notifier's gRPC API, used for gap fill and recovery.
 pub const DEFAULT_NOTIFIER_URL: &str = "http://127.0.0.1:50051";
 /// Default prefix of the Redis stream keys.
@@ -24,6 +32,25 @@ pub const DEFAULT_SOCKET_QUEUE_FRAMES: usize = 256;
 pub const DEFAULT_SOCKET_QUEUE_BYTES: usize = 1024 * 1024;
 /// Default maximum number of subscriptions per socket.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
+/// Default maximum number of open sockets of one user; more close with 4029 after authentication.
+pub const DEFAULT_MAX_SOCKETS_PER_USER: usize = 20;
+/// Default upgrades per second. An estimate, to be checked with the benchmark: at 2,000 per
+/// second a storm of 10,000 reconnects is admitted within about 4 s, while each handshake (HTTP
+/// parse, token check, `connected` frame) costs well under a millisecond of CPU.
+pub const DEFAULT_HANDSHAKE_RATE: NonZeroU32 = nonzero(2000);
+/// Default burst of upgrades above [`DEFAULT_HANDSHAKE_RATE`].
+pub const DEFAULT_HANDSHAKE_BURST: NonZeroU32 = nonzero(2000);
+/// Default client messages per second on one socket. A client sends subscribes, pings and token
+/// refreshes, so this is far above normal use.
+pub const DEFAULT_SOCKET_MESSAGE_RATE: NonZeroU32 = nonzero(20);
+/// Default burst of one socket's messages, enough to subscribe to many channels after a reconnect.
+pub const DEFAULT_SOCKET_MESSAGE_BURST: NonZeroU32 = nonzero(100);
+/// Default client messages per second of one user over all its sockets.
+pub const DEFAULT_USER_MESSAGE_RATE: NonZeroU32 = nonzero(50);
+/// Default burst of one user's messages over all its sockets.
+pub const DEFAULT_USER_MESSAGE_BURST: NonZeroU32 = nonzero(200);
+/// Default maximum number of users with their own message bucket (about 100 bytes each).
+pub const DEFAULT_RATE_LIMIT_KEYS: usize = 100_000;
 /// Default time the edge waits for sockets to close on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default shell command the demo page shows for publishing to a channel. `{channel}` is
@@ -38,13 +65,50 @@ pub struct Config {
     #[arg(long = "edge-listen", env = "EDGE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
-    /// HS256 secret that client tokens are signed with.
+    /// HMAC secret that client tokens are signed with. `JWT_SECRET`, `JWKS_URL` or both are
+    /// required.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: String,
+    pub jwt_secret: Option<String>,
 
-    /// Clock skew allowed when checking a token's `exp`, as seconds or with a unit (`5s`).
+    /// URL of the identity provider's JSON Web Key Set, for RS256 and ES256 tokens. Must be https,
+    /// except for loopback hosts.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Comma-separated token algorithms accepted (`HS256`, `RS256`, `ES256`, ...). Default: HS256
+    /// with `JWT_SECRET`, RS256 and ES256 with `JWKS_URL`.
+    #[arg(long, env = "JWT_ALGORITHMS", value_delimiter = ',', value_parser = parse_algorithm)]
+    pub jwt_algorithms: Vec<jsonwebtoken::Algorithm>,
+
+    /// Comma-separated accepted `iss` values. When set, tokens without a matching `iss` are rejected.
+    #[arg(long, env = "JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
+
+    /// Comma-separated accepted `aud` values. When set, tokens without a matching `aud` are
+    /// rejected; when unset, tokens that carry `aud` are rejected.
+    #[arg(long, env = "JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+
+    /// Clock skew allowed on a token's `exp`, `nbf` and `iat`, as seconds or with a unit (`5s`).
     #[arg(long, env = "JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
+
+    /// Minimum time between two JWKS fetches caused by tokens with an unknown key id.
+    #[arg(long, env = "JWKS_REFETCH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub jwks_refetch_interval: Duration,
+
+    /// Time between two background JWKS refreshes.
+    #[arg(long, env = "JWKS_REFRESH_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub jwks_refresh_interval: Duration,
+
+    /// Time before a token's expiry at which the socket gets a `token_expiring` frame.
+    #[arg(long, env = "TOKEN_EXPIRY_WARNING", default_value = "60s", value_parser = parse_duration)]
+    pub token_expiry_warning: Duration,
+
+    /// Comma-separated origins (`https://app.example.com`) allowed to open a socket; `*` or
+    /// empty allows every origin. Requests without an `Origin` header are always allowed.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 
     /// Redis URL of the event stream. Required by the `ws-edge` binary; the single-process mode
     /// uses an in-process stream instead.
@@ -54,6 +118,10 @@ pub struct Config {
     /// URL of the notifier's gRPC API, used to fill stream gaps and recover clients.
     #[arg(long, env = "NOTIFIER_URL", default_value = DEFAULT_NOTIFIER_URL)]
     pub notifier_url: String,
+
+    /// API key the edge presents to the notifier; its hash must be in the notifier's `EDGE_KEYS`.
+    #[arg(long, env = "NOTIFIER_API_KEY", hide_env_values = true)]
+    pub notifier_api_key: Option<String>,
 
     /// Number of stream partitions; must match the notifier's.
     #[arg(
@@ -88,6 +156,48 @@ pub struct Config {
     #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = DEFAULT_MAX_SUBSCRIPTIONS, value_parser = parse_positive)]
     pub max_subscriptions: usize,
 
+    /// Maximum number of open sockets; more upgrades get HTTP 503. Default: 90% of the open-files
+    /// limit, after raising its soft value to the hard one.
+    #[arg(long, env = "MAX_SOCKETS", value_parser = parse_positive)]
+    pub max_sockets: Option<usize>,
+
+    /// Maximum number of open sockets of one user; more close with 4029 after authentication.
+    #[arg(long, env = "MAX_SOCKETS_PER_USER", default_value_t = DEFAULT_MAX_SOCKETS_PER_USER, value_parser = parse_positive)]
+    pub max_sockets_per_user: usize,
+
+    /// WebSocket upgrades per second over the whole edge; more get HTTP 429 with `Retry-After`.
+    #[arg(long, env = "HANDSHAKE_RATE", default_value_t = DEFAULT_HANDSHAKE_RATE)]
+    pub handshake_rate: NonZeroU32,
+
+    /// Upgrades admitted at once above `HANDSHAKE_RATE`.
+    #[arg(long, env = "HANDSHAKE_BURST", default_value_t = DEFAULT_HANDSHAKE_BURST)]
+    pub handshake_burst: NonZeroU32,
+
+    /// Client messages per second on one socket; see `docs/limits.md` for what happens above it.
+    #[arg(long, env = "SOCKET_MESSAGE_RATE", default_value_t = DEFAULT_SOCKET_MESSAGE_RATE)]
+    pub socket_message_rate: NonZeroU32,
+
+    /// Client messages one socket may send at once above `SOCKET_MESSAGE_RATE`.
+    #[arg(long, env = "SOCKET_MESSAGE_BURST", default_value_t = DEFAULT_SOCKET_MESSAGE_BURST)]
+    pub socket_message_burst: NonZeroU32,
+
+    /// Client messages per second of one user (token `sub`) over all its sockets.
+    #[arg(long, env = "USER_MESSAGE_RATE", default_value_t = DEFAULT_USER_MESSAGE_RATE)]
+    pub user_message_rate: NonZeroU32,
+
+    /// Client messages one user may send at once above `USER_MESSAGE_RATE`.
+    #[arg(long, env = "USER_MESSAGE_BURST", default_value_t = DEFAULT_USER_MESSAGE_BURST)]
+    pub user_message_burst: NonZeroU32,
+
+    /// Maximum number of users with their own message bucket; past it, new users share one.
+    #[arg(long, env = "RATE_LIMIT_KEYS", default_value_t = DEFAULT_RATE_LIMIT_KEYS, value_parser = parse_positive)]
+    pub rate_limit_keys: usize,
+
+    /// Comma-separated channel prefixes whose events are conflated by their data's `key` field
+    /// in a busy socket's queue.
+    #[arg(long, env = "CONFLATE_PREFIXES", value_delimiter = ',')]
+    pub conflate_prefixes: Vec<String>,
+
     /// Maximum time the drain may take after a shutdown signal, as seconds or with a unit (`10s`).
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -97,16 +207,35 @@ pub struct Config {
     pub demo_publish_command: String,
 }
 
+/// Parses one algorithm name of `JWT_ALGORITHMS`. `none` is not an algorithm jsonwebtoken knows.
+///
+/// # Errors
+/// Fails on an unknown name, listing the accepted ones.
+pub fn parse_algorithm(value: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    value.trim().parse().map_err(|_| {
+        format!("unknown algorithm {value:?}; use HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA")
+    })
+}
+
 impl Config {
     /// Returns a configuration with every default and the given token secret, for tests and
     /// embedding.
     pub fn with_secret(jwt_secret: impl Into<String>) -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            jwt_secret: jwt_secret.into(),
+            jwt_secret: Some(jwt_secret.into()),
+            jwks_url: None,
+            jwt_algorithms: Vec::new(),
+            jwt_issuer: Vec::new(),
+            jwt_audience: Vec::new(),
             jwt_leeway: DEFAULT_JWT_LEEWAY,
+            jwks_refetch_interval: DEFAULT_JWKS_REFETCH_INTERVAL,
+            jwks_refresh_interval: DEFAULT_JWKS_REFRESH_INTERVAL,
+            token_expiry_warning: DEFAULT_TOKEN_EXPIRY_WARNING,
+            allowed_origins: Vec::new(),
             redis_url: None,
             notifier_url: DEFAULT_NOTIFIER_URL.to_owned(),
+            notifier_api_key: None,
             partitions: DEFAULT_PARTITIONS,
             stream_prefix: DEFAULT_STREAM_PREFIX.to_owned(),
             public_namespaces: Vec::new(),
@@ -114,9 +243,51 @@ impl Config {
             socket_queue_frames: DEFAULT_SOCKET_QUEUE_FRAMES,
             socket_queue_bytes: DEFAULT_SOCKET_QUEUE_BYTES,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_sockets: None,
+            max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
+            handshake_rate: DEFAULT_HANDSHAKE_RATE,
+            handshake_burst: DEFAULT_HANDSHAKE_BURST,
+            socket_message_rate: DEFAULT_SOCKET_MESSAGE_RATE,
+            socket_message_burst: DEFAULT_SOCKET_MESSAGE_BURST,
+            user_message_rate: DEFAULT_USER_MESSAGE_RATE,
+            user_message_burst: DEFAULT_USER_MESSAGE_BURST,
+            rate_limit_keys: DEFAULT_RATE_LIMIT_KEYS,
+            conflate_prefixes: Vec::new(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             demo_publish_command: DEFAULT_DEMO_PUBLISH_COMMAND.to_owned(),
         }
+    }
+
+    /// Builds the token verifier's settings, with the key set when `JWKS_URL` is set.
+    ///
+    /// # Errors
+    /// Fails when `JWKS_URL` is invalid.
+    pub fn verifier_settings(&self) -> anyhow::Result<crate::auth::VerifierSettings> {
+        let trimmed = |values: &[String]| -> Vec<String> {
+            values
+                .iter()
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+                .collect()
+        };
+        let has_secret = self.jwt_secret.is_some();
+        let has_jwks = self.jwks_url.is_some();
+        let algorithms = match self.jwt_algorithms.is_empty() {
+            true => crate::auth::default_algorithms(has_secret, has_jwks),
+            false => self.jwt_algorithms.clone(),
+        };
+        let jwks = self.jwks_url.as_deref().map(|url| {
+            let algorithms = algorithms.clone();
+            crate::jwks::Jwks::new(url, algorithms, self.jwks_refetch_interval, self.jwks_refresh_interval)
+        });
+        Ok(crate::auth::VerifierSettings {
+            secret: self.jwt_secret.clone(),
+            jwks: jwks.transpose()?.map(std::sync::Arc::new),
+            algorithms,
+            issuers: trimmed(&self.jwt_issuer),
+            audiences: trimmed(&self.jwt_audience),
+            leeway: self.jwt_leeway,
+        })
     }
 
     /// Returns the public namespaces without surrounding spaces and empty entries.
@@ -153,9 +324,31 @@ mod tests {
     }
 
     #[test]
-    fn missing_secret_names_variable() {
-        let err = parse(&[]).err().map(|err| err.to_string()).unwrap_or_default();
-        assert!(err.contains("JWT_SECRET"), "{err}");
+    fn missing_keys_name_both_variables() {
+        let parsed = parse(&[]).expect("keys are checked when the verifier is built");
+        let settings = parsed.verifier_settings().expect("no JWKS_URL to parse");
+        let err = crate::auth::Verifier::with_settings(settings)
+            .err()
+            .map(|err| err.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("JWT_SECRET") && err.contains("JWKS_URL"), "{err}");
+    }
+
+    #[test]
+    fn algorithms_parse_by_name() {
+        let parsed = parse(&[
+            "--jwks-url",
+            "https://idp.example.com/jwks",
+            "--jwt-algorithms",
+            "RS256, ES256",
+        ]);
+        let parsed = parsed.expect("valid arguments");
+        assert_eq!(
+            parsed.jwt_algorithms,
+            [jsonwebtoken::Algorithm::RS256, jsonwebtoken::Algorithm::ES256]
+        );
+        assert!(parse(&["--jwt-algorithms", "none"]).is_err());
+        assert!(parse(&["--jwt-algorithms", "HS257"]).is_err());
     }
 
     #[test]

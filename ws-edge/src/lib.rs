@@ -8,9 +8,14 @@
 //! - [`upgrade`]: the WebSocket handshake, with small per-socket buffers.
 //! - [`session`]: one socket's life: authentication, the reader loop, subscriptions, the end.
 //! - [`writer`]: one socket's writer task: batched writes, pings, close codes.
+//! - [`admission`]: handshake rate, socket counts and client message rates.
+//! - [`conflate`]: replacement of queued events by newer ones with the same key, per channel prefix.
+//! - [`stats`]: counters of what the limits rejected, dropped or closed.
 //! - [`outbound`]: the bounded per-socket queue that the fan-out pushes into without waiting.
 //! - [`frames`]: the client protocol's requests and control replies.
 //! - [`auth`]: token verification and channel authorization.
+//! - [`jwks`]: the identity provider's key set: cache, refresh, rate-limited refetch.
+//! - [`origin`]: the `Origin` allow-list of the upgrade.
 //! - [`hub`]: channel to local subscribers, one shard per partition.
 //! - [`recent`]: each partition's window of recent events, which serves most resumes.
 //! - [`fanout`]: the stream reader: per-partition cursors, duplicate drop, gap fill.
@@ -21,21 +26,26 @@
 //! - [`history_client`]: the notifier's gRPC API as a [`notify_proto::history::HistoryStore`].
 //! - [`demo`]: the embedded demo page and its settings.
 
+pub mod admission;
 pub mod auth;
 pub mod backoff;
 pub mod coalesce;
 pub mod config;
+pub mod conflate;
 pub mod demo;
 pub mod fanout;
 pub mod frames;
 pub mod history_client;
 pub mod hub;
+pub mod jwks;
+pub mod origin;
 pub mod outbound;
 pub mod recent;
 pub mod recovery;
 pub mod routes;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod stream;
 #[cfg(test)]
 mod testing;

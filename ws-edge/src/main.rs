@@ -27,7 +27,11 @@ async fn main() -> anyhow::Result<()> {
         .as_deref()
         .context("REDIS_URL is not set; the ws-edge binary reads the event stream from Redis (flag --redis-url)")?;
     let log = Arc::new(RedisLog::connect(redis_url, &config.stream_prefix)?);
-    let history = Arc::new(GrpcHistory::new(&config.notifier_url)?);
+    let mut history = GrpcHistory::new(&config.notifier_url)?;
+    if let Some(api_key) = &config.notifier_api_key {
+        history = history.with_api_key(api_key)?;
+    }
+    let history = Arc::new(history);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind EDGE_LISTEN {}", config.listen))?;

@@ -1,8 +1,10 @@
 //! The life of one socket.
 //!
-//! 1. Authenticate: the token comes from the URL or the `Authorization` header, or else from an
-//!    `auth` frame within [`AUTH_TIMEOUT`]. Nothing but a close frame is sent before the token
-//!    is verified: 4001 without a token, 4002 with an invalid one.
+//! 1. Authenticate: the token comes from the URL, the `Authorization` header or the subprotocol
+//!    list, or else from an `auth` frame within [`AUTH_TIMEOUT`]. Nothing but a close frame is
+//!    sent before the token is verified: 4001 without a token, 4002 with an invalid one.
+//!    While the socket lives, a `token_expiring` frame comes `TOKEN_EXPIRY_WARNING` before the
+//!    token's expiry, and the socket closes with 4003 at the expiry unless `refresh` moved it.
 //! 2. Run: the writer task ([`crate::writer`]) drains the socket's outbound queue, while this
 //!    task reads client frames and replies to them through the same queue.
 //! 3. End together: when the reader stops (peer closed, read error, token expired), it requests
@@ -23,12 +25,14 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::Instrument;
 
+use crate::admission::{MessageLimiter, SocketSlot, Verdict};
 use crate::auth::{ChannelError, Verifier};
 use crate::frames::{self, Reply, Request};
 use crate::hub::{HeadError, Registration, Socket, Subscription};
 use crate::outbound::{Ending, Outbound};
-use crate::recovery::RecoveryError;
+use crate::recovery::{RecoveryError, fits_at_once};
 use crate::server::Edge;
+use crate::stats::Stats;
 use crate::writer::{self, Activity, WRITE_TIMEOUT, WriteError};
 
 /// Time a client has to send its `auth` frame when the URL carries no token.
@@ -42,8 +46,9 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A close code and reason sent before authentication completes.
 type Rejection = (u16, &'static str);
 
-/// Runs one upgraded socket to its end. `token` is the token from the URL or header, if any.
-pub async fn run<S>(socket: S, edge: Arc<Edge>, token: Option<String>)
+/// Runs one upgraded socket to its end. `token` is the token from the URL or header, if any;
+/// `slot` is the socket's place in the socket counts, held until the end.
+pub async fn run<S>(socket: S, edge: Arc<Edge>, token: Option<String>, mut slot: SocketSlot)
 where
     S: Stream<Item = Result<Message, tungstenite::Error>> + Sink<Message, Error = tungstenite::Error>,
     S: Send + Unpin + 'static,
@@ -53,9 +58,18 @@ where
         result = authenticate(&mut stream, &edge.verifier, token) => result,
         () = edge.shutdown.cancelled() => Err((close::SERVICE_RESTART, "server restarting")),
     };
-    let claims = match authenticated {
+    let admitted = authenticated.and_then(|claims| match edge.admission.add_user_socket(&mut slot, &claims.sub) {
+        Ok(()) => Ok(claims),
+        Err(max) => {
+            Stats::add(&edge.stats.closed_max_sockets_per_user_total);
+            tracing::debug!(max, "user has too many sockets");
+            Err((close::RATE_LIMITED, "too many sockets for this user"))
+        }
+    });
+    let claims = match admitted {
         Ok(claims) => claims,
         Err((code, reason)) => {
+            edge.stats.record_close(code);
             tracing::debug!(code, reason, "rejected socket before authentication");
             let frame = CloseFrame {
                 code: code.into(),
@@ -66,7 +80,7 @@ where
         }
     };
 
-    let session = Session::new(edge, claims);
+    let session = Session::new(edge, claims, slot);
     let span = tracing::Span::current();
     span.record("user_id", session.socket.user_id.as_str());
     span.record("conn_id", session.socket.conn_id.as_str());
@@ -92,7 +106,7 @@ where
         Some(token) => token,
         None => auth_frame_token(stream).await?,
     };
-    verifier.verify(&token).map_err(|err| {
+    verifier.verify(&token).await.map_err(|err| {
         tracing::debug!(error = %err, "token rejected");
         (close::INVALID_TOKEN, "invalid token")
     })
@@ -139,28 +153,39 @@ struct Session {
     claims: Claims,
     /// When the token expires: `exp` plus the leeway.
     expires: Instant,
+    /// When to send `token_expiring`; `None` once sent for the current token.
+    warn_at: Option<Instant>,
     /// Subscriptions by channel. Capacity: `MAX_SUBSCRIPTIONS`; more are refused with an error frame.
     subscriptions: HashMap<String, Arc<Subscription>>,
     /// Replays in progress, at most one per subscription; dropped (and aborted) with the session.
     recoveries: JoinSet<Recovered>,
+    /// The socket's and its user's message rate limits.
+    messages: MessageLimiter,
+    /// The socket's place in the socket counts, freed when the session is dropped.
+    _slot: SocketSlot,
 }
 
 impl Session {
-    fn new(edge: Arc<Edge>, claims: Claims) -> Self {
+    fn new(edge: Arc<Edge>, claims: Claims, slot: SocketSlot) -> Self {
         let socket = Arc::new(Socket {
             conn_id: uuid::Uuid::now_v7().to_string(),
             user_id: claims.sub.clone(),
             queue: Outbound::new(edge.limits.queue),
         });
         let expires = expiry(&claims, edge.limits.jwt_leeway);
+        let warn_at = Some(warning_time(&claims, edge.limits.token_expiry_warning));
+        let messages = edge.admission.message_limiter(&claims.sub);
         Self {
             edge,
             socket,
             activity: Arc::new(Activity::default()),
             claims,
             expires,
+            warn_at,
             subscriptions: HashMap::new(),
             recoveries: JoinSet::new(),
+            messages,
+            _slot: slot,
         }
     }
 
@@ -185,6 +210,9 @@ impl Session {
             Some(result) => result,
             None => finish_writer(writer).await,
         };
+        if self.socket.queue.is_slow_consumer() {
+            self.edge.stats.record_close(close::SLOW_CONSUMER);
+        }
         match result {
             Ok(ending) => tracing::debug!(?ending, "socket closed"),
             Err(err) => tracing::debug!(error = %err, "socket dropped"),
@@ -205,6 +233,10 @@ impl Session {
             let ending = tokio::select! {
                 result = &mut *writer => return Some(result.unwrap_or_else(|err| Err(WriteError::Failed(err.to_string())))),
                 () = tokio::time::sleep_until(self.expires) => Ending::Close(close::TOKEN_EXPIRED, "token expired"),
+                () = sleep_until_some(self.warn_at), if self.warn_at.is_some() => {
+                    self.warn_expiry();
+                    continue;
+                }
                 Some(joined) = self.recoveries.join_next(), if !self.recoveries.is_empty() => {
                     if let Ok(recovered) = joined {
                         self.recovered(recovered);
@@ -227,6 +259,7 @@ impl Session {
             None => return Flow::End(Ending::Stop),
             Some(Err(tungstenite::Error::Capacity(err))) => {
                 tracing::debug!(error = %err, "client message too big");
+                self.edge.stats.record_close(close::MESSAGE_TOO_BIG);
                 return Flow::End(Ending::Close(close::MESSAGE_TOO_BIG, "message too big"));
             }
             Some(Err(err)) => {
@@ -236,6 +269,11 @@ impl Session {
             Some(Ok(message)) => message,
         };
         self.activity.touch();
+        if matches!(message, Message::Text(_) | Message::Binary(_))
+            && let Some(ending) = self.check_rate()
+        {
+            return ending;
+        }
         match message {
             Message::Text(text) => self.handle_text(&text).await,
             Message::Binary(_) => {
@@ -251,6 +289,24 @@ impl Session {
         }
     }
 
+    /// Applies the message rate limits to a text or binary message. Returns the flow for a
+    /// message that is dropped: a `rate_limited` error frame the first time, then the close 4029.
+    fn check_rate(&mut self) -> Option<Flow> {
+        let verdict = self.messages.check();
+        if verdict == Verdict::Allow {
+            return None;
+        }
+        Stats::add(&self.edge.stats.dropped_rate_limited_total);
+        if verdict == Verdict::Close {
+            Stats::add(&self.edge.stats.closed_rate_limited_total);
+            tracing::debug!("closing socket that kept exceeding its message rate");
+            return Some(Flow::End(Ending::Close(close::RATE_LIMITED, "rate limited")));
+        }
+        let message = "message dropped: too many messages; slow down or the socket is closed with 4029";
+        self.send_error(error_code::RATE_LIMITED, message, None);
+        Some(Flow::Continue)
+    }
+
     async fn handle_text(&mut self, text: &str) -> Flow {
         let request = match frames::parse_request(text) {
             Ok(request) => request,
@@ -263,7 +319,7 @@ impl Session {
             Request::Ping => self.send(Reply::Pong.encode()),
             Request::Subscribe { channel, since } => self.subscribe(channel, since).await,
             Request::Unsubscribe { channel } => self.unsubscribe(&channel),
-            Request::Refresh { token } => return self.refresh(&token),
+            Request::Refresh { token } => self.refresh(&token).await,
             Request::Auth { .. } => {
                 let message = "the socket is already authenticated; send refresh to replace the token";
                 self.send_error(error_code::BAD_REQUEST, message, None);
@@ -272,23 +328,38 @@ impl Session {
         Flow::Continue
     }
 
-    /// Replaces the token with a newer one for the same user, moving the expiry.
-    fn refresh(&mut self, token: &str) -> Flow {
-        let claims = match self.edge.verifier.verify(token) {
+    /// Replaces the token with a newer one for the same user, moving the expiry. A rejected
+    /// token gets an error frame and changes nothing: the socket still closes at the current
+    /// token's expiry.
+    async fn refresh(&mut self, token: &str) {
+        let claims = match self.edge.verifier.verify(token).await {
             Ok(claims) => claims,
             Err(err) => {
                 tracing::debug!(error = %err, "refresh token rejected");
-                return Flow::End(Ending::Close(close::INVALID_TOKEN, "invalid token"));
+                let message = "the refresh token is invalid; the socket keeps its current token";
+                return self.send_error(error_code::INVALID_TOKEN, message, None);
             }
         };
         if claims.sub != self.claims.sub {
-            self.send_error(error_code::FORBIDDEN, "the new token is for another user", None);
-            return Flow::Continue;
+            return self.send_error(error_code::FORBIDDEN, "the new token is for another user", None);
         }
         self.expires = expiry(&claims, self.edge.limits.jwt_leeway);
+        self.warn_at = Some(warning_time(&claims, self.edge.limits.token_expiry_warning));
         self.send(Reply::Refreshed { expires_at: claims.exp }.encode());
         self.claims = claims;
-        Flow::Continue
+    }
+
+    /// Sends `token_expiring` once for the current token.
+    fn warn_expiry(&mut self) {
+        self.warn_at = None;
+        let in_secs = self.claims.exp.saturating_sub(unix_now().as_secs());
+        self.send(
+            Reply::TokenExpiring {
+                expires_at: self.claims.exp,
+                in_secs,
+            }
+            .encode(),
+        );
     }
 
     /// Subscribes to a channel, replaying from `since` when given.
@@ -326,7 +397,11 @@ impl Session {
     /// needs the stream or the store runs as a task, so that the socket keeps serving requests.
     fn start_delivery(&mut self, subscription: Arc<Subscription>, since: Option<u64>, registration: Registration) {
         let head = registration.head;
-        let recent = match (since, registration.recent) {
+        // A recent-window replay too long to queue at once goes through the recovery task,
+        // which waits for room in the socket's queue.
+        let limits = self.socket.queue.limits();
+        let recent = registration.recent.filter(|frames| fits_at_once(frames, limits));
+        let recent = match (since, recent) {
             (Some(since), None) => {
                 let recovery = self.edge.recovery.clone();
                 let replay = async move {
@@ -443,7 +518,24 @@ async fn finish_writer(mut writer: JoinHandle<Result<Ending, WriteError>>) -> Re
 
 /// Returns when a token stops being valid: its `exp` plus the leeway, at most a year ahead.
 fn expiry(claims: &Claims, leeway: Duration) -> Instant {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let left = Duration::from_secs(claims.exp).saturating_sub(now) + leeway;
+    let left = Duration::from_secs(claims.exp).saturating_sub(unix_now()) + leeway;
     Instant::now() + left.min(MAX_TOKEN_LIFETIME)
+}
+
+/// Returns when to send `token_expiring`: `warning` before `exp`, or now when that has passed.
+fn warning_time(claims: &Claims, warning: Duration) -> Instant {
+    let left = Duration::from_secs(claims.exp).saturating_sub(unix_now());
+    Instant::now() + left.saturating_sub(warning).min(MAX_TOKEN_LIFETIME)
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
