@@ -15,6 +15,7 @@
 //! - [`telemetry`]: logging set-up shared by the binaries.
 //! - [`shutdown`]: the signal that starts a graceful stop.
 //! - [`settings`]: parsers for setting values that both services share.
+//! - [`ratelimit`]: token-bucket rate limiters with a bounded keyed store.
 
 pub mod channel;
 pub mod claims;
@@ -24,6 +25,7 @@ pub mod history;
 pub mod log;
 pub mod memory;
 pub mod protocol;
+pub mod ratelimit;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

@@ -139,6 +139,15 @@ pub enum Reply<'a> {
         /// The new token's `exp`, in seconds since the Unix epoch.
         expires_at: u64,
     },
+    /// The token expires soon; send `refresh` with a new one to keep the socket.
+    #[serde(rename = "token_expiring")]
+    TokenExpiring {
+        /// The token's `exp`, in seconds since the Unix epoch.
+        expires_at: u64,
+        /// Seconds until `exp`.
+        #[serde(rename = "in")]
+        in_secs: u64,
+    },
     /// Reply to `ping`.
     Pong,
     /// The subscription is active.

@@ -15,8 +15,10 @@ use notify_proto::protocol::close;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::outbound::{Ending, Outbound, QueueLimits};
+use crate::conflate::Conflation;
+use crate::outbound::{Ending, Outbound, Pushed, QueueLimits};
 use crate::recent::{Recent, RecentLimits};
+use crate::stats::Stats;
 
 /// An event encoded once for every recipient.
 #[derive(Debug, Clone)]
@@ -121,6 +123,17 @@ impl Subscription {
         self.socket.queue.push(frame).is_ok()
     }
 
+    /// Queues a replayed frame once the socket's queue has room for it (see
+    /// [`Outbound::wait_for_room`]), waiting at most `patience`. A client that reads nothing for
+    /// that long is a slow consumer: the push may then overflow and close the socket with 4008.
+    /// Returns false when the subscription was removed or the socket is closing.
+    pub async fn send_paced(&self, frame: Utf8Bytes, patience: Duration) -> bool {
+        let room = self.socket.queue.wait_for_room(frame.len());
+        // On timeout the push below decides: it fits, or it overflows as for any slow consumer.
+        let _ = tokio::time::timeout(patience, room).await;
+        self.send(frame)
+    }
+
     /// Flushes the events buffered during recovery whose sequence number is above `replayed`
     /// (the last position the replay covered), then sends later events straight to the socket.
     pub fn go_live(&self, replayed: u64) {
@@ -141,14 +154,22 @@ impl Subscription {
         *self.lock() = State::Removed;
     }
 
-    /// Offers a delivered event: queues, buffers or drops it according to the state.
-    fn offer(&self, delivery: &Delivery) {
+    /// Offers a delivered event: queues, buffers or drops it according to the state. A live
+    /// subscription passes the event's conflation key to the socket's queue.
+    fn offer(&self, delivery: &Delivery, key: Option<&Arc<str>>, stats: &Stats) {
         if !delivery.is_for(&self.socket.user_id) {
             return;
         }
         let mut state = self.lock();
         let delivered = match &mut *state {
-            State::Live => self.socket.queue.push(delivery.frame.clone()).is_ok(),
+            State::Live => match self.socket.queue.push_keyed(delivery.frame.clone(), key.cloned()) {
+                Ok(Pushed::Queued) => true,
+                Ok(Pushed::Replaced) => {
+                    Stats::add(&stats.conflated_frames_total);
+                    true
+                }
+                Err(_) => false,
+            },
             State::Recovering(buffer) => self.buffer(buffer, delivery),
             State::Removed => true,
         };
@@ -200,6 +221,8 @@ pub struct Registration {
 /// The local subscribers of every channel, one shard per partition.
 pub struct Hub {
     shards: Vec<Shard>,
+    conflation: Conflation,
+    stats: Arc<Stats>,
 }
 
 struct Shard {
@@ -229,7 +252,18 @@ impl Hub {
                 head_tx: watch::Sender::new(None),
             })
             .collect();
-        Self { shards }
+        Self {
+            shards,
+            conflation: Conflation::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Sets which channels are conflated, and the counters conflation adds to.
+    pub fn with_conflation(mut self, conflation: Conflation, stats: Arc<Stats>) -> Self {
+        self.conflation = conflation;
+        self.stats = stats;
+        self
     }
 
     /// Returns the number of partitions.
@@ -279,7 +313,10 @@ impl Hub {
         let mut state = self.lock(partition);
         for delivery in batch {
             if let Some(subscribers) = state.channels.get(&delivery.channel) {
-                subscribers.iter().for_each(|subscriber| subscriber.offer(&delivery));
+                let key = self.conflation.key_of(&delivery.channel, &delivery.frame);
+                for subscriber in subscribers {
+                    subscriber.offer(&delivery, key.as_ref(), &self.stats);
+                }
             }
             state.recent.push(delivery);
         }

@@ -2,7 +2,7 @@
 //! waiting; the socket's writer task takes everything queued at once and writes it with one flush.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use notify_proto::protocol::close;
 use tokio::sync::Notify;
@@ -37,24 +37,59 @@ pub enum PushError {
     Closing,
 }
 
+/// Outcome of a successful push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The frame was appended.
+    Queued,
+    /// The frame was appended, and an older queued frame with its conflation key was removed.
+    Replaced,
+}
+
 /// A bounded queue of text frames for one socket.
 ///
 /// Capacity: [`QueueLimits`]. Overflow: the queued frames are dropped and the socket is closed
-/// with [`close::SLOW_CONSUMER`]; the client reconnects and resumes with `since`. Frames are
+/// with [`close::SLOW_CONSUMER`]; the client reconnects and resumes with `since`. A frame pushed
+/// with a conflation key while the queue is at least half full (in frames or bytes) first
+/// removes the oldest queued frame with the same key. A busy queue then stops growing from a
+/// conflated channel whose keys are already queued. Frames are
 /// shared (`Utf8Bytes` is reference-counted), so a queue holds references, and its byte count is
 /// the size of the frames it would write, not memory owned by this socket alone.
 pub struct Outbound {
     state: Mutex<State>,
     /// Wakes the writer. `notify_one` keeps a permit when the writer is busy, so no push is missed.
     ready: Notify,
+    /// Wakes replays waiting in [`Outbound::wait_for_room`] after the writer drained the queue.
+    drained: Notify,
+    /// Wakes a writer blocked in a write when the queue starts ending, such as on overflow.
+    ending: Notify,
     limits: QueueLimits,
 }
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Queued>,
     bytes: usize,
     ending: Option<Ending>,
+}
+
+struct Queued {
+    frame: Utf8Bytes,
+    /// Conflation key (see [`crate::conflate`]); `None` for frames that are never replaced.
+    key: Option<Arc<str>>,
+}
+
+impl State {
+    /// Removes the queued frame with `key`, if any. Returns whether one was removed.
+    fn remove_key(&mut self, key: &str) -> bool {
+        let Some(index) = self.frames.iter().position(|queued| queued.key.as_deref() == Some(key)) else {
+            return false;
+        };
+        if let Some(removed) = self.frames.remove(index) {
+            self.bytes -= removed.frame.len();
+        }
+        true
+    }
 }
 
 impl Outbound {
@@ -63,6 +98,8 @@ impl Outbound {
         Self {
             state: Mutex::default(),
             ready: Notify::new(),
+            drained: Notify::new(),
+            ending: Notify::new(),
             limits,
         }
     }
@@ -77,10 +114,21 @@ impl Outbound {
     /// # Errors
     /// Fails when the queue is full, which also starts closing the socket, or already closing.
     pub fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+        self.push_keyed(frame, None).map(drop)
+    }
+
+    /// Queues a frame without waiting; with a conflation key, replaces the queued frame with the
+    /// same key when the queue is at least half full.
+    ///
+    /// # Errors
+    /// Fails when the queue is full, which also starts closing the socket, or already closing.
+    pub fn push_keyed(&self, frame: Utf8Bytes, key: Option<Arc<str>>) -> Result<Pushed, PushError> {
         let mut state = self.lock();
         if state.ending.is_some() {
             return Err(PushError::Closing);
         }
+        let busy = 2 * state.frames.len() >= self.limits.frames || 2 * state.bytes >= self.limits.bytes;
+        let replaced = busy && key.as_deref().is_some_and(|key| state.remove_key(key));
         let fits = state.frames.len() < self.limits.frames && state.bytes + frame.len() <= self.limits.bytes;
         if !fits {
             state.frames.clear();
@@ -88,13 +136,14 @@ impl Outbound {
             state.ending = Some(Ending::Close(close::SLOW_CONSUMER, "outbound queue full"));
             drop(state);
             self.ready.notify_one();
+            self.ending.notify_waiters();
             return Err(PushError::Overflow);
         }
         state.bytes += frame.len();
-        state.frames.push_back(frame);
+        state.frames.push_back(Queued { frame, key });
         drop(state);
         self.ready.notify_one();
-        Ok(())
+        Ok(if replaced { Pushed::Replaced } else { Pushed::Queued })
     }
 
     /// Asks the writer to end the socket after the frames already queued. The first ending wins.
@@ -105,6 +154,7 @@ impl Outbound {
         }
         drop(state);
         self.ready.notify_one();
+        self.ending.notify_waiters();
     }
 
     /// Returns the queue's capacity.
@@ -117,12 +167,55 @@ impl Outbound {
         self.lock().ending.is_some()
     }
 
+    /// Returns whether the socket is ending because its client read too slowly.
+    pub fn is_slow_consumer(&self) -> bool {
+        matches!(self.lock().ending, Some(Ending::Close(close::SLOW_CONSUMER, _)))
+    }
+
+    /// Waits until the socket is ending because its client read too slowly.
+    pub async fn slow_consumer(&self) {
+        loop {
+            let ending = self.ending.notified();
+            tokio::pin!(ending);
+            // Registered before the check, so an ending set in between still wakes this wait.
+            ending.as_mut().enable();
+            if self.is_slow_consumer() {
+                return;
+            }
+            ending.await;
+        }
+    }
+
     /// Moves every queued frame into `batch` and returns the ending, if one was requested.
     pub fn drain_into(&self, batch: &mut Vec<Utf8Bytes>) -> Option<Ending> {
         let mut state = self.lock();
-        batch.extend(state.frames.drain(..));
+        batch.extend(state.frames.drain(..).map(|queued| queued.frame));
         state.bytes = 0;
-        state.ending
+        let ending = state.ending;
+        drop(state);
+        self.drained.notify_waiters();
+        ending
+    }
+
+    /// Waits until the queue with a frame of `bytes` added would be at most half full, in frames
+    /// and in bytes, or until the socket is ending. A replay waits here before each frame, so it
+    /// cannot overflow the queue of a client that reads, and leaves half of it to live frames.
+    pub async fn wait_for_room(&self, bytes: usize) {
+        loop {
+            // Register before looking, so a drain between the look and the wait is not missed.
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let state = self.lock();
+                let frames_fit = 2 * (state.frames.len() + 1) <= self.limits.frames;
+                let bytes_fit = 2 * (state.bytes + bytes) <= self.limits.bytes;
+                if state.ending.is_some() || state.frames.is_empty() || (frames_fit && bytes_fit) {
+                    return;
+                }
+            }
+            drained.await;
+        }
     }
 
     /// Waits until a frame or an ending is pushed after the last wait returned.
@@ -199,6 +292,38 @@ mod tests {
             drain(&queue),
             (vec!["a".into()], Some(Ending::Close(close::SERVICE_RESTART, "restart")))
         );
+    }
+
+    #[test]
+    fn busy_queue_replaces_frame_with_same_key() {
+        let queue = queue(4, 100);
+        let key = |name: &str| Some(Arc::<str>::from(name));
+        assert_eq!(queue.push_keyed("a1".into(), key("a")), Ok(Pushed::Queued));
+        assert_eq!(queue.push_keyed("b1".into(), key("b")), Ok(Pushed::Queued));
+        assert_eq!(queue.push_keyed("a2".into(), key("a")), Ok(Pushed::Replaced));
+        assert_eq!(queue.push_keyed("b2".into(), key("b")), Ok(Pushed::Replaced));
+        assert_eq!(queue.push("x".into()), Ok(()));
+        assert_eq!(queue.push_keyed("a3".into(), key("a")), Ok(Pushed::Replaced));
+        assert_eq!(drain(&queue), (vec!["b2".into(), "x".into(), "a3".into()], None));
+    }
+
+    #[test]
+    fn idle_queue_keeps_every_keyed_frame() {
+        let queue = queue(8, 100);
+        let key = Some(Arc::<str>::from("a"));
+        assert_eq!(queue.push_keyed("a1".into(), key.clone()), Ok(Pushed::Queued));
+        assert_eq!(queue.push_keyed("a2".into(), key), Ok(Pushed::Queued));
+        assert_eq!(drain(&queue).0, ["a1", "a2"]);
+    }
+
+    #[test]
+    fn full_queue_without_a_match_still_overflows() {
+        let queue = queue(2, 100);
+        let key = |name: &str| Some(Arc::<str>::from(name));
+        queue.push_keyed("a1".into(), key("a")).expect("fits");
+        queue.push_keyed("b1".into(), key("b")).expect("fits");
+        assert_eq!(queue.push_keyed("c1".into(), key("c")), Err(PushError::Overflow));
+        assert!(queue.is_slow_consumer());
     }
 
     #[tokio::test]

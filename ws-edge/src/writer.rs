@@ -87,7 +87,7 @@ where
     idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let ending = socket.queue.drain_into(&mut batch);
-        write_batch(&mut sink, &mut batch).await?;
+        write_batch(&mut sink, &mut batch, &socket).await?;
         if let Some(ending) = ending {
             finish(&mut sink, ending).await?;
             return Ok(ending);
@@ -103,7 +103,12 @@ where
 }
 
 /// Writes every frame in `batch`, then flushes once, so frames that piled up share syscalls.
-async fn write_batch<S>(sink: &mut S, batch: &mut Vec<Utf8Bytes>) -> Result<(), WriteError>
+///
+/// A write blocked on a peer that stopped reading is abandoned as soon as the queue overflows,
+/// so the writer goes on to the 4008 close at once. The frames of the abandoned batch are
+/// dropped like the queued ones; tungstenite keeps what it buffered and writes it before
+/// the close frame.
+async fn write_batch<S>(sink: &mut S, batch: &mut Vec<Utf8Bytes>, socket: &Socket) -> Result<(), WriteError>
 where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
@@ -116,7 +121,12 @@ where
         }
         sink.flush().await
     };
-    with_timeout(write).await
+    let result = tokio::select! {
+        result = with_timeout(write) => result,
+        () = socket.queue.slow_consumer() => Ok(()),
+    };
+    batch.clear();
+    result
 }
 
 /// Pings a silent peer, and ends a peer silent for [`IDLE_TIMEOUT`].
@@ -157,5 +167,75 @@ async fn with_timeout(write: impl Future<Output = Result<(), tungstenite::Error>
         Ok(Ok(())) | Ok(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => Ok(()),
         Ok(Err(err)) => Err(WriteError::Failed(err.to_string())),
         Err(_) => Err(WriteError::TimedOut),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use crate::outbound::{Outbound, QueueLimits};
+
+    use super::*;
+
+    /// A sink that accepts every message but whose flush never completes, like a socket whose
+    /// peer stopped reading.
+    #[derive(Clone, Default)]
+    struct StuckSink {
+        accepted: Arc<Mutex<Vec<Message>>>,
+    }
+
+    impl Sink<Message> for StuckSink {
+        type Error = tungstenite::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Self::Error> {
+            self.accepted.lock().expect("lock").push(message);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overflow_closes_while_write_is_stuck() {
+        let socket = Arc::new(Socket {
+            conn_id: "c".into(),
+            user_id: "u".into(),
+            queue: Outbound::new(QueueLimits { frames: 2, bytes: 1024 }),
+        });
+        let sink = StuckSink::default();
+        let activity = Arc::new(Activity::default());
+        let writer = tokio::spawn(run(sink.clone(), socket.clone(), activity, CancellationToken::new()));
+        socket.queue.push("first".into()).expect("fits");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        // The writer is stuck flushing "first"; the queue fills and overflows behind it.
+        for frame in ["a", "b", "c"] {
+            let _ = socket.queue.push(frame.into());
+        }
+        let overflowed = Instant::now();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let last = sink.accepted.lock().expect("lock").last().cloned();
+        let Some(Message::Close(Some(frame))) = last else {
+            panic!("no close frame was sent; the last message was {last:?}");
+        };
+        assert_eq!(u16::from(frame.code), close::SLOW_CONSUMER);
+        assert!(overflowed.elapsed() < WRITE_TIMEOUT, "{:?}", overflowed.elapsed());
+
+        // The close frame cannot be flushed either, so the writer gives up after the timeout.
+        let result = writer.await.expect("writer task");
+        assert_eq!(result, Err(WriteError::TimedOut));
     }
 }
