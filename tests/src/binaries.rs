@@ -23,6 +23,18 @@ pub struct Process {
     /// File that receives the process's log output.
     pub log_path: PathBuf,
     child: Child,
+    /// How the process was started, for [`Process::restart`].
+    launch: Launch,
+    /// Number of restarts so far, which names the log file of the next one.
+    restarts: usize,
+}
+
+/// Arguments, environment and listening services of a started binary.
+#[derive(Debug, Clone)]
+struct Launch {
+    args: Vec<String>,
+    vars: Vec<(String, String)>,
+    services: Vec<String>,
 }
 
 impl Process {
@@ -45,6 +57,38 @@ impl Process {
     /// Returns whether the process has exited.
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Returns the process id, or `None` once the process has been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Kills the process (SIGKILL) and starts it again with the same arguments and environment,
+    /// except that each `(variable, service)` in `listen_vars` is set to the address the service
+    /// listened on, so clients configured with the old addresses reach the new process. The
+    /// new process logs to `<log>.restart<n>.log`.
+    ///
+    /// # Errors
+    /// Fails when a service in `listen_vars` was not listening, or the new process does not start.
+    pub async fn restart(&mut self, listen_vars: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.kill().await;
+        let mut vars = self.launch.vars.clone();
+        for (var, service) in listen_vars {
+            let addr = self.addr(service)?;
+            vars.retain(|(name, _)| name != var);
+            vars.push(((*var).to_owned(), addr.to_string()));
+        }
+        self.restarts += 1;
+        let log_path = self.log_path.with_extension(format!("restart{}.log", self.restarts));
+        let launch = Launch {
+            vars,
+            ..self.launch.clone()
+        };
+        let restarted = spawn(&self.name, launch, log_path).await?;
+        let restarts = self.restarts;
+        *self = Self { restarts, ..restarted };
+        Ok(())
     }
 }
 
@@ -101,15 +145,30 @@ pub async fn start(
     services: &[&str],
     log_path: PathBuf,
 ) -> anyhow::Result<Process> {
+    let launch = Launch {
+        args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+        vars: vars
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), value.clone()))
+            .collect(),
+        services: services.iter().map(|service| (*service).to_owned()).collect(),
+    };
+    spawn(name, launch, log_path).await
+}
+
+async fn spawn(name: &str, launch: Launch, log_path: PathBuf) -> anyhow::Result<Process> {
     let mut command = Command::new(path(name).await?);
     command
-        .args(args)
-        .envs(vars.iter().map(|(key, value)| (*key, value.as_str())));
+        .args(&launch.args)
+        .envs(launch.vars.iter().map(|(key, value)| (key, value)));
     command.env("LOG_FORMAT", "text").env("NO_COLOR", "1");
-    command.env(
-        "RUST_LOG",
-        std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
-    );
+    // A test's own `RUST_LOG` (set through its options) wins over `E2E_RUST_LOG`.
+    if !launch.vars.iter().any(|(key, _)| key == "RUST_LOG") {
+        command.env(
+            "RUST_LOG",
+            std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    }
     command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -121,7 +180,8 @@ pub async fn start(
     forward_output(&mut child, lines_tx, log_path.clone()).await?;
     let mut addrs = HashMap::new();
     let deadline = tokio::time::Instant::now() + crate::patience() * 3;
-    while !services.iter().all(|service| addrs.contains_key(*service)) {
+    let services = &launch.services;
+    while !services.iter().all(|service| addrs.contains_key(service)) {
         let line = tokio::time::timeout_at(deadline, lines_rx.recv()).await;
         match line {
             Ok(Some(line)) => record_listener(&line, &mut addrs),
@@ -137,6 +197,8 @@ pub async fn start(
         addrs,
         log_path,
         child,
+        launch,
+        restarts: 0,
     })
 }
 

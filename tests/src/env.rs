@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use notify_proto::pb::notifier_client::NotifierClient;
-use notify_proto::pb::{PublishRequest, PublishResponse};
+use notify_proto::pb::{Event, HistoryRequest, PublishRequest, PublishResponse};
 use sqlx::Connection;
 use tonic::transport::Channel;
 
@@ -70,6 +70,9 @@ pub struct TestEnv {
     pub grpc: SocketAddr,
     /// HTTP address of the edge.
     pub edge: SocketAddr,
+    /// Environment of the notifier process, for [`TestEnv::start_extra_notifier`]; empty in
+    /// standalone mode.
+    notifier_vars: Vec<(&'static str, String)>,
     database: Option<String>,
     data_dir: Option<PathBuf>,
 }
@@ -120,6 +123,15 @@ impl TestEnv {
     /// # Errors
     /// Fails when a service is unreachable and required, or when the deployment does not start.
     pub async fn start_or_skip(mode: Mode) -> anyhow::Result<Option<Self>> {
+        Self::start_with_or_skip(mode, Options::default()).await
+    }
+
+    /// Starts a deployment with extra settings, or returns `None` as [`TestEnv::start_or_skip`]
+    /// does.
+    ///
+    /// # Errors
+    /// Fails when a service is unreachable and required, or when the deployment does not start.
+    pub async fn start_with_or_skip(mode: Mode, options: Options) -> anyhow::Result<Option<Self>> {
         let unreachable = match mode {
             Mode::Distributed => check_services().await.err(),
             Mode::Standalone => None,
@@ -131,7 +143,7 @@ impl TestEnv {
             eprintln!("skipped: distributed mode needs PostgreSQL and Redis: {err:#}");
             return Ok(None);
         }
-        Self::start(mode).await.map(Some)
+        Self::start_with(mode, options).await.map(Some)
     }
 
     async fn start_distributed(id: String, options: Options) -> anyhow::Result<Self> {
@@ -164,6 +176,7 @@ impl TestEnv {
             processes,
             grpc,
             edge,
+            notifier_vars,
             database: Some(id),
             data_dir: None,
         })
@@ -189,6 +202,7 @@ impl TestEnv {
             processes,
             grpc,
             edge,
+            notifier_vars: Vec::new(),
             database: None,
             data_dir: Some(data_dir),
         })
@@ -199,7 +213,78 @@ impl TestEnv {
     /// # Errors
     /// Fails when the notifier does not accept the connection.
     pub async fn publisher(&self) -> anyhow::Result<NotifierClient<Channel>> {
-        Ok(NotifierClient::connect(format!("http://{}", self.grpc)).await?)
+        publisher_at(self.grpc).await
+    }
+
+    /// Starts another `notifier` process on the same database and stream keys, with its own
+    /// listeners. Dropping the returned process stops it.
+    ///
+    /// # Errors
+    /// Fails in standalone mode, or when the process does not start.
+    pub async fn start_extra_notifier(&self, name: &str) -> anyhow::Result<Process> {
+        anyhow::ensure!(
+            self.mode == Mode::Distributed,
+            "only the distributed mode runs separate notifiers"
+        );
+        let log = work_dir().join("logs").join(format!("{}-{name}.log", self.id));
+        binaries::start("notifier", &[], &self.notifier_vars, &["grpc", "http"], log).await
+    }
+
+    /// Kills the notifier (SIGKILL) and starts it again on the same addresses, so the edge and
+    /// [`TestEnv::publisher`] reach the new process. In standalone mode this restarts the one
+    /// process, edge included.
+    ///
+    /// # Errors
+    /// Fails when the new process does not start.
+    pub async fn restart_notifier(&mut self) -> anyhow::Result<()> {
+        let listen_vars: &[(&str, &str)] = match self.mode {
+            Mode::Distributed => &[("NOTIFIER_LISTEN", "grpc"), ("NOTIFIER_HTTP_LISTEN", "http")],
+            Mode::Standalone => &[("NOTIFIER_LISTEN", "grpc"), ("EDGE_LISTEN", "http")],
+        };
+        self.process_mut(0)?.restart(listen_vars).await
+    }
+
+    /// Kills the edge (SIGKILL) and starts it again on the same address. Its recent-event window
+    /// starts empty, so resumes after the restart read the stream or the store. In standalone
+    /// mode this restarts the one process, which also empties the in-process stream.
+    ///
+    /// # Errors
+    /// Fails when the new process does not start.
+    pub async fn restart_edge(&mut self) -> anyhow::Result<()> {
+        match self.mode {
+            Mode::Distributed => self.process_mut(1)?.restart(&[("EDGE_LISTEN", "http")]).await,
+            Mode::Standalone => self.restart_notifier().await,
+        }
+    }
+
+    fn process_mut(&mut self, index: usize) -> anyhow::Result<&mut Process> {
+        self.processes
+            .get_mut(index)
+            .with_context(|| format!("the deployment has no process {index}"))
+    }
+
+    /// Returns every stored event of a channel after position `since`, in order, reading the
+    /// History call page by page.
+    ///
+    /// # Errors
+    /// Fails when a call fails.
+    pub async fn history(&self, channel: &str, since: u64) -> anyhow::Result<Vec<Event>> {
+        let mut client = self.publisher().await?;
+        let mut events = Vec::new();
+        let mut since = since;
+        loop {
+            let request = HistoryRequest {
+                channel: channel.into(),
+                since,
+                limit: notify_proto::history::MAX_PAGE,
+            };
+            let page = client.history(request).await?.into_inner();
+            events.extend(page.events);
+            if page.next_since <= since || page.next_since >= page.head {
+                return Ok(events);
+            }
+            since = page.next_since;
+        }
     }
 
     /// Publishes an event and returns the response.
@@ -243,8 +328,19 @@ impl TestEnv {
     }
 }
 
+/// Returns a gRPC client of the notifier at `addr`.
+///
+/// # Errors
+/// Fails when the notifier does not accept the connection.
+pub async fn publisher_at(addr: SocketAddr) -> anyhow::Result<NotifierClient<Channel>> {
+    Ok(NotifierClient::connect(format!("http://{addr}")).await?)
+}
+
 /// Checks that the shared PostgreSQL and Redis answer.
-async fn check_services() -> anyhow::Result<()> {
+///
+/// # Errors
+/// Fails when either is unreachable, naming its URL.
+pub async fn check_services() -> anyhow::Result<()> {
     let admin_url = admin_database_url();
     let connect = sqlx::PgConnection::connect(&admin_url);
     let connection = tokio::time::timeout(std::time::Duration::from_secs(3), connect).await;

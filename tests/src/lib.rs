@@ -5,6 +5,7 @@
 //! - [`binaries`]: builds the binaries once and starts them, reading back their bound addresses.
 //! - [`env`]: [`env::TestEnv`], one isolated deployment per test (own database, own stream keys).
 //! - [`client`]: a WebSocket client that speaks the client protocol.
+//! - [`redis_server`]: a Redis of one test's own, for faults such as a restart or `FLUSHALL`.
 //! - [`token`]: mints client tokens, valid and forged.
 //!
 //! Settings: `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`) is the
@@ -19,6 +20,7 @@
 pub mod binaries;
 pub mod client;
 pub mod env;
+pub mod redis_server;
 pub mod token;
 
 use std::time::Duration;

@@ -21,7 +21,9 @@ async fn start(data_dir: &Path, run: usize) -> anyhow::Result<Process> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_history_and_secret() -> anyhow::Result<()> {
-    let data_dir = work_dir().join("data").join(format!("restart_{}", uuid::Uuid::new_v4().simple()));
+    let data_dir = work_dir()
+        .join("data")
+        .join(format!("restart_{}", uuid::Uuid::new_v4().simple()));
 
     // First run: publish three events.
     let mut first = start(&data_dir, 1).await?;
@@ -42,7 +44,11 @@ async fn restart_keeps_history_and_secret() -> anyhow::Result<()> {
     // Second run: the history is still there, and tokens of the same secret still work.
     let second = start(&data_dir, 2).await?;
     let mut client = NotifierClient::connect(format!("http://{}", second.addr("grpc")?)).await?;
-    let request = HistoryRequest { channel: "news".into(), since: 0, limit: 10 };
+    let request = HistoryRequest {
+        channel: "news".into(),
+        since: 0,
+        limit: 10,
+    };
     let history = client.history(request).await?.into_inner();
     let stored: Vec<&str> = history.events.iter().map(|event| event.id.as_str()).collect();
     assert_eq!(stored, ids.iter().map(String::as_str).collect::<Vec<_>>());

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use notify_proto::history::{HistoryError, HistoryStore, MAX_PAGE};
 use notify_proto::pb::notifier_client::NotifierClient;
 use notify_proto::pb::{HeadsRequest, ReadPartitionRequest, ReadPartitionResponse};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 /// Time to open the connection to the notifier.
@@ -23,6 +24,8 @@ const MAX_RESPONSE_BYTES: usize = 2 * (MAX_PAGE as usize) * 66 * 1024;
 #[derive(Clone)]
 pub struct GrpcHistory {
     client: NotifierClient<Channel>,
+    /// `Bearer <NOTIFIER_API_KEY>`, sent with every call when set.
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl GrpcHistory {
@@ -40,7 +43,30 @@ impl GrpcHistory {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT);
         let client = NotifierClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_RESPONSE_BYTES);
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            authorization: None,
+        })
+    }
+
+    /// Sends `api_key` as `authorization: Bearer <key>` with every call.
+    ///
+    /// # Errors
+    /// Fails when the key is not printable ASCII.
+    pub fn with_api_key(mut self, api_key: &str) -> anyhow::Result<Self> {
+        let value = format!("Bearer {api_key}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("NOTIFIER_API_KEY must be printable ASCII"))?;
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        request
     }
 }
 
@@ -61,14 +87,14 @@ impl HistoryStore for GrpcHistory {
             after,
             limit: limit.min(MAX_PAGE),
         };
-        let response = self.client.clone().read_partition(request).await;
+        let response = self.client.clone().read_partition(self.request(request)).await;
         response
             .map(tonic::Response::into_inner)
             .map_err(|status| unavailable(&status))
     }
 
     async fn heads(&self) -> Result<Vec<u64>, HistoryError> {
-        let response = self.client.clone().heads(HeadsRequest {}).await;
+        let response = self.client.clone().heads(self.request(HeadsRequest {})).await;
         response
             .map(|response| response.into_inner().heads)
             .map_err(|status| unavailable(&status))

@@ -7,21 +7,27 @@
 //! each page is encoded once for all of them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use notify_proto::history::{HistoryError, HistoryStore, MAX_PAGE};
 use notify_proto::log::LogReader;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::coalesce::Coalescer;
 use crate::fanout::encode;
 use crate::frames::Reply;
 use crate::hub::{Delivery, Subscription};
+use crate::outbound::QueueLimits;
 
 /// Events read per page, from the stream and from the store.
 pub const PAGE_EVENTS: u32 = MAX_PAGE;
 /// Recoveries that may read at once. Each keeps at most one page of events in memory. The others
 /// wait, while their subscriptions buffer live events (bounded, see [`Subscription`]).
 pub const MAX_CONCURRENT_RECOVERIES: usize = 64;
+/// How long a replay waits for room in a socket's queue before each frame. A client that reads
+/// nothing for this long is closed as a slow consumer (4008), which frees its recovery slot.
+pub const ROOM_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Error of a replay.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +102,7 @@ impl Recovery {
                 );
                 break;
             };
-            if !send_page(subscription, &page.events) {
+            if !send_page(subscription, &page.events).await {
                 return Ok(());
             }
             if last >= head {
@@ -163,12 +169,25 @@ fn contiguous(events: &Arc<[Delivery]>, after: u64, head: u64) -> Arc<[Delivery]
     }
 }
 
-/// Sends a page's events of the subscription's channel. Returns false when delivery stopped.
-fn send_page(subscription: &Subscription, events: &[Delivery]) -> bool {
-    events
+/// Sends a page's events of the subscription's channel, each once the socket's queue has room,
+/// so a replay longer than the queue does not overflow it. Returns false when delivery stopped.
+async fn send_page(subscription: &Subscription, events: &[Delivery]) -> bool {
+    let matching = events
         .iter()
-        .filter(|delivery| delivery.channel == subscription.channel() && delivery.is_for(subscription.user_id()))
-        .all(|delivery| subscription.send(delivery.frame.clone()))
+        .filter(|delivery| delivery.channel == subscription.channel() && delivery.is_for(subscription.user_id()));
+    for delivery in matching {
+        if !subscription.send_paced(delivery.frame.clone(), ROOM_PATIENCE).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Returns whether replayed frames fit in half of a socket's queue, so that they can be queued
+/// at once. Longer replays go through [`Recovery::replay`], which waits for room.
+pub fn fits_at_once(frames: &[Utf8Bytes], limits: QueueLimits) -> bool {
+    let bytes: usize = frames.iter().map(|frame| frame.len()).sum();
+    2 * (frames.len() + 1) <= limits.frames && 2 * bytes <= limits.bytes
 }
 
 #[cfg(test)]
@@ -350,6 +369,36 @@ mod tests {
         assert_eq!(setup.history.reads.load(Ordering::SeqCst), 1);
         assert_eq!(split(drained(&alice)).1, [5, 6, 8, 9, 10]);
         assert_eq!(split(drained(&bob)).1, [5, 6, 8, 9, 10]);
+    }
+
+    #[tokio::test]
+    async fn replay_longer_than_queue_waits_for_room() {
+        let setup = Setup::new(VecHistory::new(stored()));
+        let alice = crate::hub::tests::socket_with("alice", 4);
+        let subscription = Arc::new(Subscription::new(alice.clone(), "news".into(), 0));
+        setup
+            .hub
+            .register(&subscription, Some(0))
+            .expect("since is at or below head");
+        let replay = setup.spawn_replay(&subscription, 0);
+
+        // The subscribed frame and 9 events pass through a queue of 4 frames as it is drained.
+        let mut frames = Vec::new();
+        let drain = async {
+            while frames.len() < 10 {
+                alice.queue.wait().await;
+                alice.queue.drain_into(&mut frames);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .expect("every frame arrives");
+        replay.await.expect("replay task");
+        assert!(!alice.queue.is_ending(), "the socket was closed");
+        let frames = frames.iter().map(|frame| frame.as_str().to_owned()).collect();
+        let (subscribed, positions) = split(frames);
+        assert_eq!(subscribed["recovered"], true);
+        assert_eq!(positions, [1, 2, 3, 4, 5, 6, 8, 9, 10]);
     }
 
     #[tokio::test]
