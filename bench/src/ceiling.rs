@@ -2,11 +2,11 @@
 //! tokio-tungstenite with no authentication, no store and no Redis.
 //!
 //! It speaks the part of the client protocol the benchmarks use: `connected` after the upgrade
-//! (any token is accepted), `subscribe` answered by `subscribed` with the channel's position,
-//! `ping` by `pong`, and event frames encoded like the edge's. Events come in on a trigger
-//! port, one JSON object `{"channel":..,"type":..,"data":..}` per line. Each event is encoded
-//! once and its bytes are shared by every subscriber's bounded queue; one writer task per
-//! socket drains its queue, several frames per flush when they are waiting. A socket whose
+//! (any token is accepted), `subscribed` with the channel's position in reply to `subscribe`,
+//! `pong` in reply to `ping`, and event frames encoded like the edge's. Events come in on a
+//! trigger port, one JSON object `{"channel":..,"type":..,"data":..}` per line. Each event is
+//! encoded once and its bytes are shared by every subscriber's bounded queue. One writer task
+//! per socket drains its queue, several frames per flush when they are waiting. A socket whose
 //! queue is full is closed, like a slow consumer on the edge.
 
 use std::collections::HashMap;
@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 pub const QUEUE_CAPACITY: usize = 1024;
 /// Read buffer of each server socket.
 pub const READ_BUFFER_SIZE: usize = 4 * 1024;
-/// Longest trigger line, in bytes; a longer one closes the trigger connection.
+/// Maximum trigger line length, in bytes; a longer line closes the trigger connection.
 pub const MAX_TRIGGER_LINE: u64 = 64 * 1024;
 
 /// One subscriber's queue and the token that closes its socket.
@@ -190,8 +190,8 @@ async fn trigger(hub: Arc<Hub>, stream: TcpStream, cancel: CancellationToken) {
     }
 }
 
-/// One WebSocket: upgrade, send `connected`, then a reader loop here and a writer task that
-/// drains the queue. Either side ending, or the close token, ends both and unsubscribes.
+/// Serves one WebSocket: upgrades, sends `connected`, then runs a reader loop here and a writer
+/// task that drains the queue. Either side ending, or the close token, ends both and unsubscribes.
 async fn session(hub: Arc<Hub>, stream: TcpStream, cancel: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
@@ -260,7 +260,7 @@ fn handle_frame(
         }
         ("subscribe", Some(channel)) => {
             if subscriptions.contains(&channel) {
-                // A repeated subscribe (a resume) just answers with the current position.
+                // A repeated subscribe (a resume) only gets the current position in reply.
                 hub.unsubscribe(&channel, connection);
             } else {
                 subscriptions.push(channel.clone());

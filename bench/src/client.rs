@@ -38,14 +38,19 @@ use crate::wire::{Incoming, PONG, Protocol};
 /// Read buffer of each client socket. tungstenite's default is 128 KiB, which at 10,000
 /// sockets would make the client, not the server, the memory hog.
 pub const READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Default maximum of connects in progress at once. It is high because browsers reconnecting
+/// after a deploy have no shared cap; with 64 the client itself slowed the reconnect storm.
+pub const DEFAULT_CONNECT_CONCURRENCY: usize = 1024;
 /// How long one connect, handshake and subscribe may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Reconnect attempts of one socket after a disconnect before it gives up.
 pub const MAX_RECONNECT_ATTEMPTS: u32 = 30;
-/// First reconnect step; each delay is drawn between zero and the step (full jitter).
+/// Default first reconnect step; each delay is drawn between zero and the step (full jitter).
 pub const RECONNECT_FIRST_STEP: Duration = Duration::from_millis(500);
-/// Largest reconnect step.
+/// Default largest reconnect step.
 pub const RECONNECT_MAX_STEP: Duration = Duration::from_secs(4);
+/// Extra time the first connects of a fleet may take for retries.
+const CONNECT_RETRY_SLACK: Duration = Duration::from_secs(60);
 /// Latency and counter shards; sockets are spread over them so that two cores rarely contend.
 const SHARDS: usize = 16;
 /// Value of the catch-up target while none is set.
@@ -70,6 +75,26 @@ pub struct FleetConfig {
     pub reconnect: bool,
     /// Wire protocol of the server.
     pub protocol: Protocol,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+}
+
+/// Reconnect delays: exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// First step.
+    pub first_step: Duration,
+    /// Largest step.
+    pub max_step: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            first_step: RECONNECT_FIRST_STEP,
+            max_step: RECONNECT_MAX_STEP,
+        }
+    }
 }
 
 /// Counters and latencies shared by the sockets of one shard.
@@ -165,6 +190,8 @@ pub struct SocketReport {
     pub error_frames: u64,
     /// Frames that were neither control frames nor events with a benchmark payload.
     pub unparsed: u64,
+    /// Failed attempts of the first connect before it succeeded or gave up.
+    pub connect_retries: u64,
     /// Successful reconnects.
     pub reconnects: u64,
     /// Failed reconnect attempts.
@@ -310,8 +337,12 @@ impl Fleet {
         }
         drop(ready_tx);
 
-        // Wait for every first subscribe, bounded by a generous rate of 50 sockets per second.
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT + Duration::from_millis(20 * sockets as u64);
+        // Wait for every first subscribe, bounded by a generous rate of 50 sockets per second
+        // plus time for a socket's retries.
+        let deadline = tokio::time::Instant::now()
+            + CONNECT_TIMEOUT
+            + CONNECT_RETRY_SLACK
+            + Duration::from_millis(20 * sockets as u64);
         let (mut failures, mut errors, mut done) = (0, Vec::new(), 0);
         let mut connected_per_channel = vec![0; shared.config.channels.len()];
         while done < sockets {
@@ -463,6 +494,11 @@ impl FleetReport {
         self.sockets.iter().map(|socket| socket.seqs.gaps()).sum()
     }
 
+    /// Returns the failed attempts of first connects over all sockets.
+    pub fn connect_retries(&self) -> u64 {
+        self.sockets.iter().map(|socket| socket.connect_retries).sum()
+    }
+
     /// Returns close codes with counts over all sockets (0: ended without a close frame).
     pub fn closes(&self) -> std::collections::BTreeMap<u16, u64> {
         let mut closes = std::collections::BTreeMap::new();
@@ -496,13 +532,14 @@ async fn run_socket(shared: Arc<Shared>, index: usize, ready_tx: mpsc::Sender<Re
         },
     };
 
-    let first = connect_bounded(&shared, &mut socket).await;
-    let mut connection = match first {
-        Ok(connection) => connection,
-        Err(error) => {
-            let _ = ready_tx.send(Err(format!("{error:#}"))).await;
-            return socket.report;
-        }
+    // The first connect retries like a reconnect, so that a server's handshake rate limit
+    // (HTTP 429) delays sockets instead of failing them.
+    let (first, attempts) = connect_with_backoff(&shared, &mut socket, true).await;
+    socket.report.connect_retries = attempts.failures;
+    let Some(mut connection) = first else {
+        let error = attempts.last_error.unwrap_or_else(|| "cancelled".to_owned());
+        let _ = ready_tx.send(Err(error)).await;
+        return socket.report;
     };
     socket.report.connected = true;
     let _ = ready_tx.send(Ok(channel_index)).await;
@@ -521,8 +558,14 @@ async fn run_socket(shared: Arc<Shared>, index: usize, ready_tx: mpsc::Sender<Re
         if !shared.config.reconnect {
             return socket.report;
         }
-        match reconnect(&shared, &mut socket, code == SERVICE_RESTART).await {
-            Some(next) => connection = next,
+        let (next, attempts) = connect_with_backoff(&shared, &mut socket, code == SERVICE_RESTART).await;
+        socket.report.failed_reconnects += attempts.failures;
+        socket.report.gave_up = attempts.exhausted;
+        match next {
+            Some(next) => {
+                socket.report.reconnects += 1;
+                connection = next;
+            }
             None => return socket.report,
         }
     }
@@ -556,12 +599,24 @@ async fn read_until_end(shared: &Shared, socket: &mut Socket, connection: &mut C
     }
 }
 
-/// Reconnects with exponential backoff and full jitter: each delay is drawn between zero and a
-/// step that starts at [`RECONNECT_FIRST_STEP`] and doubles up to [`RECONNECT_MAX_STEP`]. After a
-/// close with 1012 (the edge restarts) the first attempt goes at once, as the protocol asks.
-/// Gives up after [`MAX_RECONNECT_ATTEMPTS`] attempts, and returns `None` then or when cancelled.
-async fn reconnect(shared: &Shared, socket: &mut Socket, at_once: bool) -> Option<Connection> {
-    let mut step = RECONNECT_FIRST_STEP;
+/// Failed attempts of one [`connect_with_backoff`].
+#[derive(Default)]
+struct Attempts {
+    failures: u64,
+    last_error: Option<String>,
+    /// Whether all [`MAX_RECONNECT_ATTEMPTS`] attempts failed.
+    exhausted: bool,
+}
+
+/// Connects and subscribes with exponential backoff and full jitter: each delay is drawn between
+/// zero and a step that starts at the fleet's [`Backoff::first_step`] and doubles up to its
+/// [`Backoff::max_step`]. With `at_once` the first attempt goes without delay, as the protocol
+/// recommends after a 1012 close (the edge restarts). Returns `None` after [`MAX_RECONNECT_ATTEMPTS`]
+/// failed attempts or when the fleet is cancelled.
+async fn connect_with_backoff(shared: &Shared, socket: &mut Socket, at_once: bool) -> (Option<Connection>, Attempts) {
+    let mut attempts = Attempts::default();
+    let Backoff { first_step, max_step } = shared.config.backoff;
+    let mut step = first_step;
     for attempt in 0..MAX_RECONNECT_ATTEMPTS {
         let delay = if at_once && attempt == 0 {
             Duration::ZERO
@@ -569,24 +624,24 @@ async fn reconnect(shared: &Shared, socket: &mut Socket, at_once: bool) -> Optio
             rand::rng().random_range(Duration::ZERO..=step)
         };
         tokio::select! {
-            _ = shared.cancel.cancelled() => return None,
+            _ = shared.cancel.cancelled() => return (None, attempts),
             _ = tokio::time::sleep(delay) => {}
         }
-        let attempt = tokio::select! {
-            _ = shared.cancel.cancelled() => return None,
-            attempt = connect_bounded(shared, socket) => attempt,
+        let result = tokio::select! {
+            _ = shared.cancel.cancelled() => return (None, attempts),
+            result = connect_bounded(shared, socket) => result,
         };
-        match attempt {
-            Ok(connection) => {
-                socket.report.reconnects += 1;
-                return Some(connection);
+        match result {
+            Ok(connection) => return (Some(connection), attempts),
+            Err(error) => {
+                attempts.failures += 1;
+                attempts.last_error = Some(format!("{error:#}"));
             }
-            Err(_) => socket.report.failed_reconnects += 1,
         }
-        step = (step * 2).min(RECONNECT_MAX_STEP);
+        step = (step * 2).min(max_step);
     }
-    socket.report.gave_up = true;
-    None
+    attempts.exhausted = true;
+    (None, attempts)
 }
 
 /// Connects, waits for `connected`, subscribes (with `since` once a position is known) and

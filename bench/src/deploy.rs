@@ -96,10 +96,10 @@ pub struct DeployOptions {
 /// Timings of an edge restart.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Restart {
-    /// Time from SIGTERM to the old edge's exit.
-    pub stopped_after: Duration,
-    /// Time from SIGTERM to the new edge's `listening` line.
-    pub listening_after: Duration,
+    /// Time from SIGTERM to the old edge's exit, in milliseconds.
+    pub stopped_after_ms: f64,
+    /// Time from SIGTERM to the new edge's `listening` line, in milliseconds.
+    pub listening_after_ms: f64,
     /// Whether the old edge exited by itself within the grace period.
     pub graceful: bool,
 }
@@ -172,9 +172,11 @@ impl Deployment {
     /// # Errors
     /// Fails when no edge runs or the new edge does not start.
     pub async fn restart_edge(&mut self, grace: Duration) -> anyhow::Result<Restart> {
-        let (Some(mut edge), Some(launch)) = (self.edge.take(), self.edge_launch.clone()) else {
+        let (Some(mut edge), Some(mut launch)) = (self.edge.take(), self.edge_launch.clone()) else {
             bail!("no edge runs in this deployment");
         };
+        // The new edge logs to a file of its own, so the old edge's log is kept.
+        launch.log_path.set_extension("restarted.log");
         let started = Instant::now();
         let graceful = edge.terminate(grace).await?;
         let stopped_after = started.elapsed();
@@ -195,8 +197,8 @@ impl Deployment {
         };
         self.edge = Some(edge);
         Ok(Restart {
-            stopped_after,
-            listening_after: started.elapsed(),
+            stopped_after_ms: stopped_after.as_secs_f64() * 1000.0,
+            listening_after_ms: started.elapsed().as_secs_f64() * 1000.0,
             graceful,
         })
     }

@@ -17,7 +17,7 @@ use tokio::sync::{Mutex, mpsc};
 /// How long a process may take to become ready.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a started process must print before it counts as ready.
+/// Readiness condition: the output a started process must print before it counts as ready.
 #[derive(Debug, Clone)]
 pub enum Ready {
     /// A `listening service="<name>" addr=<ip:port>` line for each of these services.
@@ -157,7 +157,7 @@ async fn copy_lines<R: AsyncRead + Unpin>(
     let mut lines = BufReader::new(reader).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let _ = file.lock().await.write_all(format!("{line}\n").as_bytes()).await;
-        // Once the process is ready nobody reads these lines, so a closed or full channel is
+        // Once the process is ready no receiver reads these lines, so a closed or full channel is
         // expected and the line only goes to the file.
         let _ = lines_tx.try_send(line);
     }

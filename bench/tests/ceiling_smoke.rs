@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use bench::client::{Fleet, FleetConfig};
+use bench::client::{Backoff, Fleet, FleetConfig};
 use bench::publisher::{OpenLoop, PublishTarget, run_open_loop};
 use bench::scenario::channel_names;
 use bench::token::TokenMinter;
@@ -34,6 +34,7 @@ async fn ceiling_delivers_every_event_once() -> anyhow::Result<()> {
         connect_concurrency: 2,
         reconnect: false,
         protocol: Protocol::Native,
+        backoff: Backoff::default(),
     };
     let minter = TokenMinter::new("smoke-test-secret", Duration::from_secs(60))?;
     let fleet = Fleet::connect(config.clone(), minter).await?;

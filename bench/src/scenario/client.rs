@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::channel_names;
-use crate::client::{Fleet, FleetConfig};
+use crate::client::{Backoff, DEFAULT_CONNECT_CONCURRENCY, Fleet, FleetConfig};
 use crate::deploy::JWT_SECRET;
 use crate::report::{Row, number};
 use crate::stats::LatencySummary;
@@ -45,8 +45,8 @@ pub struct ClientArgs {
     /// Loopback source addresses the sockets spread over: 127.0.0.1 to 127.0.0.N.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub source_addrs: u8,
-    /// Maximum connects in progress at once.
-    #[arg(long, default_value_t = 64)]
+    /// Maximum connects in progress at once, reconnects included.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
     pub connect_concurrency: usize,
     /// File to append the result to, one JSON object per line.
     #[arg(long)]
@@ -125,6 +125,7 @@ pub async fn run(args: &ClientArgs) -> anyhow::Result<ClientResult> {
         } else {
             Protocol::Native
         },
+        backoff: Backoff::default(),
     };
     let minter = TokenMinter::new(&args.secret, Duration::from_secs(4 * 3600))?;
     let fleet = Fleet::connect(config, minter).await?;

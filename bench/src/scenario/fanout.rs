@@ -55,6 +55,10 @@ pub struct FanoutResult {
     pub connect_failures: usize,
     /// Seconds to connect and subscribe every socket.
     pub connect_s: f64,
+    /// Failed first-connect attempts that were retried, such as handshakes rejected with 429.
+    pub connect_retries: u64,
+    /// The first few errors of sockets that never connected.
+    pub connect_errors: Vec<String>,
     /// Channels.
     pub channels: usize,
     /// Events per second per channel.
@@ -156,6 +160,7 @@ async fn measure(deployment: &mut Deployment, args: &FanoutArgs) -> anyhow::Resu
 
     // Account for every socket.
     let (connect_s, connect_failures) = (fleet.connect_elapsed.as_secs_f64(), fleet.connect_failures);
+    let connect_errors = fleet.connect_errors.clone();
     let report = fleet.finish().await;
     let (expected, lost) = report.expected_and_lost(&published.acked);
     Ok(FanoutResult {
@@ -164,6 +169,8 @@ async fn measure(deployment: &mut Deployment, args: &FanoutArgs) -> anyhow::Resu
         sockets: args.sockets,
         connect_failures,
         connect_s,
+        connect_retries: report.connect_retries(),
+        connect_errors,
         channels: plan.channels.len(),
         rate: args.rate,
         events: args.events,

@@ -39,6 +39,10 @@ pub struct IdleResult {
     pub connect_failures: usize,
     /// Seconds to connect and subscribe every socket.
     pub connect_s: f64,
+    /// Failed first-connect attempts that were retried, such as handshakes rejected with 429.
+    pub connect_retries: u64,
+    /// The first few errors of sockets that never connected.
+    pub connect_errors: Vec<String>,
     /// Sockets subscribed when memory was read the second time.
     pub subscribed: usize,
     /// Resident memory of the socket server before connecting, in bytes.
@@ -100,17 +104,20 @@ async fn measure(deployment: &mut Deployment, args: &IdleArgs) -> anyhow::Result
     let rss_after = resident_bytes(pid)?;
     let subscribed = fleet.subscribed();
 
-    let result = IdleResult {
+    let (connect_failures, connect_s) = (fleet.connect_failures, fleet.connect_elapsed.as_secs_f64());
+    let connect_errors = fleet.connect_errors.clone();
+    let report = fleet.finish().await;
+    Ok(IdleResult {
         scenario: "idle",
         target: deployment.target,
         sockets: args.sockets,
-        connect_failures: fleet.connect_failures,
-        connect_s: fleet.connect_elapsed.as_secs_f64(),
+        connect_failures,
+        connect_s,
+        connect_retries: report.connect_retries(),
+        connect_errors,
         subscribed,
         rss_before,
         rss_after,
         rss_per_socket: (subscribed > 0).then(|| rss_after.saturating_sub(rss_before) as f64 / subscribed as f64),
-    };
-    fleet.finish().await;
-    Ok(result)
+    })
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::client::FleetConfig;
+use crate::client::{Backoff, DEFAULT_CONNECT_CONCURRENCY, FleetConfig};
 use crate::deploy::{DEFAULT_ADMIN_DATABASE_URL, DEFAULT_PARTITIONS, DeployOptions, Deployment, JWT_SECRET, Target};
 use crate::process::cpu_time;
 use crate::token::TokenMinter;
@@ -53,8 +53,8 @@ pub struct Common {
     /// Loopback source addresses the client sockets spread over: 127.0.0.1 to 127.0.0.N.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub source_addrs: u8,
-    /// Maximum client connects in progress at once.
-    #[arg(long, default_value_t = 64)]
+    /// Maximum client connects in progress at once, reconnects included.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
     pub connect_concurrency: usize,
     /// Stream partitions of the notifier and the edge.
     #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
@@ -123,6 +123,7 @@ impl Common {
             connect_concurrency: self.connect_concurrency,
             reconnect,
             protocol: self.target.protocol(),
+            backoff: Backoff::default(),
         })
     }
 }

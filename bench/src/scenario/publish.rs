@@ -36,7 +36,7 @@ pub struct PublishArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
-/// What the standalone publisher did.
+/// Result of the standalone publisher.
 #[derive(Debug, Clone, Serialize)]
 pub struct PublishResult {
     /// Always `publish`.

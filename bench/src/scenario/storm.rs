@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{Common, minter, with_deployment};
-use crate::client::{Fleet, FleetReport};
+use crate::client::{Backoff, Fleet, FleetReport, RECONNECT_FIRST_STEP, RECONNECT_MAX_STEP};
 use crate::deploy::{Deployment, Restart, Target};
 use crate::publisher::{OpenLoop, run_open_loop};
 use crate::report::{Row, number};
@@ -38,6 +38,12 @@ pub struct StormArgs {
     /// Seconds to wait for late deliveries after the last acknowledgement.
     #[arg(long, default_value_t = 10)]
     pub drain_secs: u64,
+    /// First reconnect backoff step of the clients, in milliseconds.
+    #[arg(long, default_value_t = RECONNECT_FIRST_STEP.as_millis() as u64)]
+    pub backoff_first_ms: u64,
+    /// Largest reconnect backoff step of the clients, in milliseconds.
+    #[arg(long, default_value_t = RECONNECT_MAX_STEP.as_millis() as u64)]
+    pub backoff_max_ms: u64,
     /// Options every scenario takes.
     #[command(flatten)]
     pub common: Common,
@@ -52,8 +58,18 @@ pub struct StormResult {
     pub target: Target,
     /// Sockets subscribed before the restart.
     pub sockets: usize,
+    /// Sockets whose first connect failed.
+    pub connect_failures: usize,
+    /// The first few errors of sockets that never connected.
+    pub connect_errors: Vec<String>,
+    /// Failed first-connect attempts that were retried, such as handshakes rejected with 429.
+    pub connect_retries: u64,
     /// Events per second.
     pub rate: f64,
+    /// First reconnect backoff step of the clients, in milliseconds.
+    pub backoff_first_ms: u64,
+    /// Largest reconnect backoff step of the clients, in milliseconds.
+    pub backoff_max_ms: u64,
     /// Restart timings.
     pub restart: Restart,
     /// Sockets that had every event up to the catch-up target by the end.
@@ -102,13 +118,12 @@ impl Row for StormResult {
     }
 
     fn cells(&self) -> Vec<String> {
-        let ms = |duration: Duration| number(Some(duration.as_secs_f64() * 1000.0), 0);
         vec![
             self.target.name().to_owned(),
             self.sockets.to_string(),
             self.rate.to_string(),
-            ms(self.restart.stopped_after),
-            ms(self.restart.listening_after),
+            number(Some(self.restart.stopped_after_ms), 0),
+            number(Some(self.restart.listening_after_ms), 0),
             number(self.caught_up_50_ms, 0),
             number(self.caught_up_99_ms, 0),
             number(self.caught_up_all_ms, 0),
@@ -134,7 +149,11 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<StormResult> {
 
 async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Result<StormResult> {
     // Connect every socket with reconnects on, and start publishing.
-    let config = args.common.fleet_config(deployment, args.sockets, 1, true)?;
+    let mut config = args.common.fleet_config(deployment, args.sockets, 1, true)?;
+    config.backoff = Backoff {
+        first_step: Duration::from_millis(args.backoff_first_ms),
+        max_step: Duration::from_millis(args.backoff_max_ms),
+    };
     let fleet = Fleet::connect(config.clone(), minter()?).await?;
     let plan = OpenLoop {
         rate: args.rate,
@@ -161,7 +180,8 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
     fleet
         .wait_for_deliveries(expected, Duration::from_secs(args.drain_secs))
         .await;
-    let sockets = args.sockets - fleet.connect_failures;
+    let (connect_failures, connect_errors) = (fleet.connect_failures, fleet.connect_errors.clone());
+    let sockets = args.sockets - connect_failures;
     let report = fleet.finish().await;
     let (expected, lost) = report.expected_and_lost(&published.acked);
     let catch_up = CatchUp::of(&report, sigterm_at, sockets);
@@ -169,7 +189,12 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
         scenario: "reconnect-storm",
         target: deployment.target,
         sockets,
+        connect_failures,
+        connect_errors,
+        connect_retries: report.connect_retries(),
         rate: args.rate,
+        backoff_first_ms: args.backoff_first_ms,
+        backoff_max_ms: args.backoff_max_ms,
         restart,
         caught_up: catch_up.count,
         caught_up_50_ms: catch_up.quantile(0.50),

@@ -13,6 +13,9 @@ use crate::publisher::{ClosedLoop, PublishTarget, run_closed_loop};
 use crate::report::{Row, number};
 use crate::stats::LatencySummary;
 
+/// Publish rate and burst per caller given to the notifier, far above what one machine reaches.
+const UNLIMITED_RATE: &str = "10000000";
+
 /// Options of the publish-throughput scenario.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ThroughputArgs {
@@ -103,7 +106,13 @@ pub async fn run(args: &ThroughputArgs) -> anyhow::Result<ThroughputResult> {
     if args.common.target != Target::Edge {
         bail!("publish-throughput measures the notifier, so it needs --target edge");
     }
-    let options = args.common.deploy_options(false)?;
+    let mut options = args.common.deploy_options(false)?;
+
+    // The notifier's per-caller rate limit would cap the measurement, so lift it unless
+    // --service-env sets it; later entries win.
+    let unlimited = [("PUBLISH_RATE", UNLIMITED_RATE), ("PUBLISH_BURST", UNLIMITED_RATE)];
+    let defaults = unlimited.map(|(key, value)| (key.to_owned(), value.to_owned()));
+    options.service_env.splice(0..0, defaults);
     with_deployment(options, async |deployment| measure(deployment, args).await).await
 }
 
