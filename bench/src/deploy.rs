@@ -316,6 +316,7 @@ async fn start_services(options: &DeployOptions, run_id: String) -> anyhow::Resu
         env.push(("JWT_SECRET".to_owned(), JWT_SECRET.to_owned()));
         env.push(("NOTIFIER_URL".to_owned(), format!("http://{grpc}")));
         env.push(("EDGE_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
+        env.push(("EDGE_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
         let mut edge_launch = launch(options, &run_id, "ws-edge", env, vec!["http"])?;
         let edge = Process::start(edge_launch.clone()).await?;
         let addr = edge.addr("http")?;

@@ -1,5 +1,6 @@
-//! The HTTP listener for probes. `/healthz` returns 200 while the process runs, and `/readyz`
-//! returns 200 only while the store responds and no shutdown has started.
+//! The HTTP listener for probes and metrics. `/healthz` returns 200 while the process runs,
+//! `/readyz` returns 200 only while the store responds and no shutdown has started, and
+//! `/metrics` returns the process's Prometheus metrics.
 //!
 //! `/readyz` leaves Redis out on purpose: the notifier keeps accepting events while Redis is down
 //! and the relay appends them later, so taking every replica out of service would only stop
@@ -8,6 +9,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use notify_proto::metrics::MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -27,14 +29,22 @@ pub struct Readiness {
     pub draining: CancellationToken,
 }
 
-/// Serves the probes on `listener` until `stop` resolves.
-pub async fn run(listener: TcpListener, readiness: Readiness, stop: impl Future<Output = ()> + Send + 'static) {
+/// Serves the probes and `registry`'s metrics on `listener` until `stop` resolves.
+pub async fn run(
+    listener: TcpListener,
+    readiness: Readiness,
+    registry: MetricsRegistry,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
     let healthz = warp::path!("healthz").and(warp::get()).map(alive);
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(warp::any().map(move || readiness.clone()))
         .then(ready);
-    warp::serve(healthz.or(readyz))
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .map(move || metrics_reply(&registry));
+    warp::serve(healthz.or(readyz).or(metrics))
         .incoming(listener)
         .graceful(stop)
         .run()
@@ -43,6 +53,11 @@ pub async fn run(listener: TcpListener, readiness: Readiness, stop: impl Future<
 
 fn alive() -> &'static str {
     "ok"
+}
+
+/// Returns the metrics in the OpenMetrics text format.
+pub fn metrics_reply(registry: &MetricsRegistry) -> impl warp::Reply + use<> {
+    warp::reply::with_header(registry.encode(), "content-type", notify_proto::metrics::CONTENT_TYPE)
 }
 
 async fn ready(readiness: Readiness) -> warp::reply::WithStatus<&'static str> {

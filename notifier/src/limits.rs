@@ -1,34 +1,12 @@
-//! The per-caller publish rate limit, and the counters of rejected publishes.
+//! The per-caller publish rate limit. Rejected publishes are counted in
+//! [`crate::metrics`] by result.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use notify_proto::ratelimit::KeyedLimiter;
 use tonic::Request;
 
 use crate::error::Error;
-
-/// Counters of publishes the notifier rejected, by reason. Each only grows; a metrics exporter
-/// reads them under these names.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Publishes rejected with `RESOURCE_EXHAUSTED` because the caller exceeded `PUBLISH_RATE`.
-    pub rejected_rate_limited_total: AtomicU64,
-    /// Publishes rejected with `RESOURCE_EXHAUSTED` because their partition's queue was full.
-    pub rejected_queue_full_total: AtomicU64,
-}
-
-impl Counters {
-    /// Counts a rejected publish by its error, if the error is a limit.
-    pub fn record(&self, err: &Error) {
-        let counter = match err {
-            Error::RateLimited { .. } => &self.rejected_rate_limited_total,
-            Error::QueueFull { .. } => &self.rejected_queue_full_total,
-            _ => return,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Returns the key a publish request is rate-limited by: the hash of the caller's API key when
 /// keys are configured, else the caller's IP address, or `unknown` when the transport does not
@@ -94,16 +72,6 @@ mod tests {
         };
         assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}");
         assert!(limiter.check(&"10.0.0.2".to_owned()).is_ok());
-    }
-
-    #[test]
-    fn counters_count_limits_only() {
-        let counters = Counters::default();
-        counters.record(&Error::RateLimited { retry_after_ms: 5 });
-        counters.record(&Error::QueueFull { partition: 1 });
-        counters.record(&Error::StoreUnavailable);
-        assert_eq!(counters.rejected_rate_limited_total.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.rejected_queue_full_total.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{Metrics, operation};
 use crate::store::{Store, ms_before, now_ms};
 
 /// Time between sweeps. The first sweep runs at start.
@@ -13,7 +14,13 @@ pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Deletes expired events and keys every [`RETENTION_INTERVAL`] until `stop` is cancelled. A
 /// failed sweep is logged and tried again at the next interval.
-pub async fn run(store: Store, retention: Duration, idempotency_window: Duration, stop: CancellationToken) {
+pub async fn run(
+    store: Store,
+    retention: Duration,
+    idempotency_window: Duration,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
     let mut interval = tokio::time::interval(RETENTION_INTERVAL);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -28,7 +35,10 @@ pub async fn run(store: Store, retention: Duration, idempotency_window: Duration
         {
             Ok((0, 0)) => {}
             Ok((events, keys)) => tracing::info!(events, keys, "deleted expired events and idempotency keys"),
-            Err(err) => tracing::warn!(error = %err, "retention sweep failed; retrying at the next interval"),
+            Err(err) => {
+                tracing::warn!(error = %err, "retention sweep failed; retrying at the next interval");
+                metrics.store_error(operation::RETENTION);
+            }
         }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`history`]: the interface to the store of record used by the edges' recovery path.
 //! - [`claims`]: the JWT claims a client token carries.
 //! - [`telemetry`]: logging set-up shared by the binaries.
+//! - [`metrics`]: the Prometheus registry of a process and its `/metrics` encoding.
 //! - [`shutdown`]: the signal that starts a graceful stop.
 //! - [`settings`]: parsers for setting values that both services share.
 //! - [`ratelimit`]: token-bucket rate limiters with a bounded keyed store.
@@ -24,6 +25,7 @@ pub mod frame;
 pub mod history;
 pub mod log;
 pub mod memory;
+pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod settings;

@@ -5,6 +5,7 @@
 //! - [`binaries`]: builds the binaries once and starts them, reading back their bound addresses.
 //! - [`env`]: [`env::TestEnv`], one isolated deployment per test (own database, own stream keys).
 //! - [`client`]: a WebSocket client that speaks the client protocol.
+//! - [`raw_socket`]: a bare WebSocket, for control over the TCP socket and the frames.
 //! - [`redis_server`]: a Redis of one test's own, for faults such as a restart or `FLUSHALL`.
 //! - [`token`]: mints client tokens, valid and forged.
 //!
@@ -20,6 +21,7 @@
 pub mod binaries;
 pub mod client;
 pub mod env;
+pub mod raw_socket;
 pub mod redis_server;
 pub mod token;
 

@@ -8,20 +8,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use e2e::env::{Mode, Options, TestEnv};
+use e2e::raw_socket::{RawSocket, next_json, open_raw};
 use e2e::{patience, token};
 use futures_util::{SinkExt, StreamExt};
 use notify_proto::pb::PublishRequest;
 use notify_proto::protocol::close;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
-
-/// A WebSocket client over a plain TCP stream that the test can also write raw bytes to.
-type RawSocket = WebSocketStream<TcpStream>;
 
 /// Defines the tests `$body::distributed` and `$body::standalone`, which run `$body(mode)`.
 macro_rules! in_both_modes {
@@ -50,38 +47,6 @@ async fn start(mode: Mode, options: Options) -> anyhow::Result<Option<TestEnv>> 
 }
 
 /// Opens a socket for `token` with an optional receive buffer size and waits for `connected`.
-async fn open_raw(env: &TestEnv, token: &str, receive_buffer: Option<u32>) -> anyhow::Result<RawSocket> {
-    let socket = TcpSocket::new_v4()?;
-    if let Some(size) = receive_buffer {
-        socket.set_recv_buffer_size(size)?;
-    }
-    let stream = socket.connect(env.edge).await?;
-    let url = format!("{}?token={token}", env.ws_url());
-    let handshake = tokio_tungstenite::client_async(url, stream);
-    let (mut socket, _) = tokio::time::timeout(patience(), handshake)
-        .await
-        .context("handshake timed out")??;
-    let connected = next_json(&mut socket).await?;
-    ensure!(connected["type"] == "connected", "expected connected, got {connected}");
-    Ok(socket)
-}
-
-/// Returns the next text frame as JSON.
-async fn next_json(socket: &mut RawSocket) -> anyhow::Result<Value> {
-    loop {
-        let message = tokio::time::timeout(patience(), socket.next())
-            .await
-            .context("no frame in time")?;
-        match message {
-            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(text.as_str())?),
-            Some(Ok(Message::Close(frame))) => bail!("connection closed: {frame:?}"),
-            Some(Ok(_)) => continue,
-            Some(Err(err)) => bail!("socket error: {err}"),
-            None => bail!("connection ended"),
-        }
-    }
-}
-
 /// Reads until the server's close frame and returns its code; frames before it are passed to
 /// `on_frame`. Fails when the connection ends without a close frame or stays open too long.
 async fn close_code(socket: &mut RawSocket, mut on_frame: impl FnMut(Value)) -> anyhow::Result<u16> {

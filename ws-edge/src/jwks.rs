@@ -71,6 +71,9 @@ pub struct Jwks {
     /// NOTE: an async mutex held across the fetch on purpose; nothing else is locked meanwhile.
     fetch_gate: tokio::sync::Mutex<Option<Instant>>,
     fetches: AtomicU64,
+    /// Finished fetches that stored a key set, and those that failed, for the metrics.
+    fetches_ok: AtomicU64,
+    fetches_failed: AtomicU64,
 }
 
 impl Jwks {
@@ -110,6 +113,8 @@ impl Jwks {
             keys: RwLock::new(Arc::new(KeyMap::new())),
             fetch_gate: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
+            fetches_ok: AtomicU64::new(0),
+            fetches_failed: AtomicU64::new(0),
         })
     }
 
@@ -166,6 +171,14 @@ impl Jwks {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    /// Returns the number of finished fetches that succeeded and that failed.
+    pub fn fetch_results(&self) -> (u64, u64) {
+        (
+            self.fetches_ok.load(Ordering::Relaxed),
+            self.fetches_failed.load(Ordering::Relaxed),
+        )
+    }
+
     fn cached(&self, kid: &str) -> Option<VerificationKey> {
         let keys = self.keys.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         keys.get(kid).cloned()
@@ -182,10 +195,12 @@ impl Jwks {
                 }
                 tracing::debug!(keys = count, "jwks fetched");
                 *self.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
+                self.fetches_ok.fetch_add(1, Ordering::Relaxed);
                 Ok(count)
             }
             Err(err) => {
                 tracing::warn!(error = %err, "jwks fetch failed; keeping the cached keys");
+                self.fetches_failed.fetch_add(1, Ordering::Relaxed);
                 Err(err)
             }
         }

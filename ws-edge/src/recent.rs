@@ -99,6 +99,8 @@ mod tests {
             channel: channel.into(),
             user_id: String::new(),
             frame: format!("f{seq}").into(),
+            trace: None,
+            committed_ms: 0,
         }
     }
 
