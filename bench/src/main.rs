@@ -58,7 +58,7 @@ impl Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    notify_proto::telemetry::init();
+    let _telemetry = notify_proto::telemetry::init("bench");
     let open_files = raise_open_files_limit()?;
     check_socket_budget(args.scenario.sockets(), open_files)?;
 

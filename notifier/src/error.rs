@@ -67,7 +67,9 @@ impl From<Error> for Status {
             Error::StoreUnavailable | Error::ShuttingDown => Status::unavailable(message),
             Error::History(HistoryError::NoSuchPartition { .. }) => Status::invalid_argument(message),
             Error::History(HistoryError::Unavailable(cause)) => {
-                tracing::warn!(error = %cause, "history read failed");
+                if let Some(suppressed) = HISTORY_FAILED_LOG.allow() {
+                    tracing::warn!(suppressed, error = %cause, "history read failed");
+                }
                 Status::unavailable("the store of record is unavailable; retry with backoff")
             }
         }
@@ -79,6 +81,11 @@ fn pushback(retry_after_ms: u32) -> MetadataMap {
     metadata.insert(RETRY_PUSHBACK_TRAILER, MetadataValue::from(retry_after_ms));
     metadata
 }
+
+/// One warning per interval while History and ReadPartition calls fail, such as while the store
+/// is down.
+pub(crate) static HISTORY_FAILED_LOG: notify_proto::telemetry::throttle::LogThrottle =
+    notify_proto::telemetry::throttle::LogThrottle::new(notify_proto::telemetry::throttle::DEFAULT_INTERVAL);
 
 #[cfg(test)]
 mod tests {

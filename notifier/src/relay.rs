@@ -22,6 +22,7 @@ use notify_proto::pb::ReadPartitionResponse;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{Metrics, operation};
 use crate::store::{Store, StoreError};
 
 /// Time between sweeps of all partitions while nothing fails.
@@ -98,7 +99,9 @@ impl Lanes {
         self.wake.notify_one();
     }
 
-    fn relay_owns(&self, partition: u32) -> bool {
+    /// Returns whether the relay appends this partition, after a failed append or while it
+    /// catches the stream up.
+    pub fn relay_owns(&self, partition: u32) -> bool {
         self.with_lane(partition, |lane| lane.relay_owns).unwrap_or(false)
     }
 
@@ -150,6 +153,9 @@ pub struct Relay {
     previous_heads: Vec<u64>,
     /// Partition the next sweep starts with; after a failure, the one after the failed one.
     start: u32,
+    /// Events each partition's stream lacked at its last check, for the backlog gauge.
+    backlog: Vec<u64>,
+    metrics: Metrics,
 }
 
 impl Relay {
@@ -163,7 +169,39 @@ impl Relay {
             stream_max_len: stream_max_len as u64,
             previous_heads: vec![0; partitions as usize],
             start: 0,
+            backlog: vec![0; partitions as usize],
+            metrics: Metrics::default(),
         }
+    }
+
+    /// Records the backlog, the relayed events and the failed calls in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Sets a partition's backlog: events committed but not yet in its stream.
+    fn set_backlog(&mut self, partition: u32, events: u64) {
+        if let Some(backlog) = self.backlog.get_mut(partition as usize) {
+            *backlog = events;
+        }
+    }
+
+    /// Publishes the backlog and the number of partitions the relay owns, after a sweep.
+    fn report(&self) {
+        let partitions = self.store.partitions();
+        let owned = (0..partitions)
+            .filter(|&partition| self.lanes.relay_owns(partition))
+            .count();
+        let backlog: u64 = (0..partitions)
+            .filter(|&partition| self.lanes.relay_owns(partition))
+            .filter_map(|partition| self.backlog.get(partition as usize))
+            .sum();
+        self.metrics.relay_partitions.set(owned as i64);
+        self.metrics
+            .relay_backlog
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
     }
 
     /// Sweeps at once, then every [`SWEEP_INTERVAL`] and whenever a committer hands a partition
@@ -173,7 +211,9 @@ impl Relay {
     pub async fn run(mut self, stop: CancellationToken) {
         let mut retry = RETRY_START;
         loop {
-            let delay = match self.sweep().await {
+            let swept = self.sweep().await;
+            self.report();
+            let delay = match swept {
                 // A partition with a long backlog is continued at once.
                 Ok(Progress::Behind) => {
                     retry = RETRY_START;
@@ -212,7 +252,10 @@ impl Relay {
 
     /// Checks every partition once and catches up those the relay owns or that fell behind.
     async fn sweep(&mut self) -> Result<Progress, SweepError> {
-        let heads = self.store.heads().await.map_err(SweepError::Heads)?;
+        let heads = self.store.heads().await.map_err(|err| {
+            self.metrics.store_error(operation::HEADS);
+            SweepError::Heads(err)
+        })?;
         let partitions = self.store.partitions();
         let mut progress = Progress::CaughtUp;
         for offset in 0..partitions {
@@ -235,6 +278,7 @@ impl Relay {
             let last = self.last_seq(partition).await?;
             let previous_head = self.previous_heads.get(partition as usize).copied().unwrap_or(0);
             if last >= previous_head {
+                self.set_backlog(partition, 0);
                 return Ok(Progress::CaughtUp);
             }
             tracing::info!(
@@ -259,15 +303,23 @@ impl Relay {
             let (after, page) = self.page_after(partition, last).await?;
             let Some(newest) = page.events.last().map(|event| event.seq) else {
                 if self.lanes.give_back(partition, after) {
+                    self.set_backlog(partition, 0);
                     return Ok(Progress::CaughtUp);
                 }
                 continue;
             };
-            let report = self
-                .log
-                .append(partition, &page.events)
-                .await
-                .map_err(|source| SweepError::Log { partition, source })?;
+            self.set_backlog(partition, page.head.saturating_sub(after));
+            // The same `append` spans as the committer's, so a trace is complete whichever of
+            // the two appended its event.
+            let append_spans = crate::spans::append(&page.events, partition);
+            let appended = self.log.append(partition, &page.events).await;
+            drop(append_spans);
+            let report = appended.map_err(|source| {
+                self.metrics.stream_error(operation::APPEND);
+                SweepError::Log { partition, source }
+            })?;
+            self.metrics.relay_appended.inc_by(report.appended as u64);
+            self.set_backlog(partition, page.head.saturating_sub(newest));
             tracing::debug!(
                 partition,
                 appended = report.appended,
@@ -305,17 +357,17 @@ impl Relay {
     }
 
     async fn last_seq(&self, partition: u32) -> Result<u64, SweepError> {
-        self.log
-            .last_seq(partition)
-            .await
-            .map_err(|source| SweepError::Log { partition, source })
+        self.log.last_seq(partition).await.map_err(|source| {
+            self.metrics.stream_error(operation::LAST_SEQ);
+            SweepError::Log { partition, source }
+        })
     }
 
     async fn read(&self, partition: u32, after: u64) -> Result<notify_proto::pb::ReadPartitionResponse, SweepError> {
-        self.store
-            .read(partition, after, RELAY_PAGE)
-            .await
-            .map_err(|source| SweepError::Store { partition, source })
+        self.store.read(partition, after, RELAY_PAGE).await.map_err(|source| {
+            self.metrics.store_error(operation::READ_PARTITION);
+            SweepError::Store { partition, source }
+        })
     }
 }
 

@@ -161,7 +161,11 @@ async fn spawn(name: &str, launch: Launch, log_path: PathBuf) -> anyhow::Result<
     command
         .args(&launch.args)
         .envs(launch.vars.iter().map(|(key, value)| (key, value)));
-    command.env("LOG_FORMAT", "text").env("NO_COLOR", "1");
+    command.env("NO_COLOR", "1");
+    // A test's own `LOG_FORMAT` wins over the text format the address parsing starts with.
+    if !launch.vars.iter().any(|(key, _)| key == "LOG_FORMAT") {
+        command.env("LOG_FORMAT", "text");
+    }
     // A test's own `RUST_LOG` (set through its options) wins over `E2E_RUST_LOG`.
     if !launch.vars.iter().any(|(key, _)| key == "RUST_LOG") {
         command.env(
@@ -202,8 +206,8 @@ async fn spawn(name: &str, launch: Launch, log_path: PathBuf) -> anyhow::Result<
     })
 }
 
-/// Copies the child's stdout and stderr into its log file, and stdout lines into `lines_tx`
-/// until the receiver is gone.
+/// Copies the child's stdout and stderr into its log file, and the lines of both into `lines_tx`
+/// until the receiver is gone: the services log to stdout, the single-process binary to stderr.
 async fn forward_output(child: &mut Child, lines_tx: mpsc::Sender<String>, log_path: PathBuf) -> anyhow::Result<()> {
     if let Some(parent) = log_path.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -212,8 +216,8 @@ async fn forward_output(child: &mut Child, lines_tx: mpsc::Sender<String>, log_p
     let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
     let stdout = child.stdout.take().context("child stdout is piped")?;
     let stderr = child.stderr.take().context("child stderr is piped")?;
-    tokio::spawn(copy_lines(BufReader::new(stdout), file.clone(), Some(lines_tx)));
-    tokio::spawn(copy_lines(BufReader::new(stderr), file, None));
+    tokio::spawn(copy_lines(BufReader::new(stdout), file.clone(), Some(lines_tx.clone())));
+    tokio::spawn(copy_lines(BufReader::new(stderr), file, Some(lines_tx)));
     Ok(())
 }
 
@@ -235,9 +239,19 @@ async fn copy_lines<R>(
     }
 }
 
-/// Parses `listening service="grpc" addr=127.0.0.1:1234` out of a text log line.
+/// Parses `listening service="grpc" addr=127.0.0.1:1234` out of a text log line, or the same
+/// fields out of a JSON line (`LOG_FORMAT=json`).
 fn record_listener(line: &str, addrs: &mut HashMap<String, SocketAddr>) {
     if !line.contains("listening") {
+        return;
+    }
+    if let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) {
+        let text = |name: &str| object.get(name).and_then(serde_json::Value::as_str);
+        if let (Some("listening"), Some(service), Some(Ok(addr))) =
+            (text("message"), text("service"), text("addr").map(str::parse))
+        {
+            addrs.insert(service.to_owned(), addr);
+        }
         return;
     }
     let field = |name: &str| {

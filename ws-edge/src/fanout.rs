@@ -7,18 +7,21 @@
 //! The gap is filled from the store before the event is delivered.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use notify_proto::frame;
 use notify_proto::history::{HistoryStore, MAX_PAGE};
 use notify_proto::log::{Cursor, LogReader};
 use notify_proto::pb::Event;
+use notify_proto::telemetry::throttle::{self, LogThrottle};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::delivery_trace::DeliveryTrace;
 use crate::hub::{Delivery, Hub};
+use crate::metrics::operation;
 
 /// Number of reader tasks; partitions are spread over them round-robin.
 pub const READERS: u32 = 4;
@@ -26,6 +29,10 @@ pub const READERS: u32 = 4;
 pub const READ_BLOCK: Duration = Duration::from_secs(5);
 /// Maximum events one read returns per partition.
 pub const READ_COUNT: usize = 512;
+/// Time a partition may go without a successful read after a failed one before the edge
+/// reports itself not ready. A partition whose reads neither succeed nor fail (a hung
+/// connection) becomes not ready after [`READ_BLOCK`] plus this time.
+pub const UNREADY_AFTER: Duration = Duration::from_secs(5);
 
 /// Encodes an event for delivery, once for every recipient.
 ///
@@ -35,22 +42,31 @@ pub const READ_COUNT: usize = 512;
 pub fn encode(event: Event) -> Delivery {
     match frame::encode_event(&event) {
         Ok(text) => Delivery {
+            trace: DeliveryTrace::start(&event),
             seq: event.seq,
             channel: event.channel,
             user_id: event.user_id,
             frame: text.into(),
+            committed_ms: event.ts_ms,
         },
         Err(err) => {
-            tracing::warn!(partition = event.partition, seq = event.seq, error = %err, "event payload is not JSON; not delivered");
+            if let Some(suppressed) = INVALID_PAYLOAD_LOG.allow() {
+                tracing::warn!(partition = event.partition, seq = event.seq, suppressed, error = %err, "event payload is not JSON; not delivered");
+            }
             Delivery {
                 seq: event.seq,
                 channel: String::new(),
                 user_id: String::new(),
                 frame: Default::default(),
+                trace: None,
+                committed_ms: event.ts_ms,
             }
         }
     }
 }
+
+/// One warning per interval about events whose payload is not JSON.
+static INVALID_PAYLOAD_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
 
 /// Reads every partition from the stream and delivers to the hub.
 pub struct Fanout {
@@ -60,23 +76,80 @@ pub struct Fanout {
     running: AtomicBool,
     /// Events dropped as duplicates, for the debug log.
     duplicates: AtomicUsize,
+    /// Reference point of the times below.
+    clock: std::time::Instant,
+    /// Per partition: when its last read succeeded (or the reader started), in milliseconds
+    /// since `clock`.
+    last_read_ms: Box<[AtomicU64]>,
+    /// Per partition: whether its last read failed, so that its head may be behind the stream.
+    read_failing: Box<[AtomicBool]>,
 }
 
 impl Fanout {
     /// Creates a reader that delivers to `hub`.
     pub fn new(hub: Arc<Hub>, log: Arc<dyn LogReader>, history: Arc<dyn HistoryStore>) -> Self {
         Self {
-            hub,
             log,
             history,
             running: AtomicBool::new(false),
             duplicates: AtomicUsize::new(0),
+            clock: std::time::Instant::now(),
+            last_read_ms: (0..hub.partitions()).map(|_| AtomicU64::new(0)).collect(),
+            read_failing: (0..hub.partitions()).map(|_| AtomicBool::new(false)).collect(),
+            hub,
         }
     }
 
     /// Returns whether the readers have loaded their cursors and are reading.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// Returns whether the partition's head is as current as the edge can tell: the readers
+    /// run and the partition's last read succeeded. While its reads fail, events may be
+    /// stored that the edge has not seen, so a resume cannot know what it missed.
+    pub fn is_current(&self, partition: u32) -> bool {
+        let failing = self
+            .read_failing
+            .get(partition as usize)
+            .is_some_and(|failing| failing.load(Ordering::Relaxed));
+        self.is_running() && !failing
+    }
+
+    /// Returns whether the edge can deliver: the readers run, and no partition has failed to
+    /// read for longer than [`UNREADY_AFTER`] or gone without a read for longer than
+    /// [`READ_BLOCK`] plus [`UNREADY_AFTER`].
+    pub fn is_healthy(&self) -> bool {
+        let now = self.now_ms();
+        let grace = UNREADY_AFTER.as_millis() as u64;
+        let stalled = grace + READ_BLOCK.as_millis() as u64;
+        let unhealthy = self
+            .last_read_ms
+            .iter()
+            .zip(&*self.read_failing)
+            .any(|(last, failing)| {
+                let age = now.saturating_sub(last.load(Ordering::Relaxed));
+                (failing.load(Ordering::Relaxed) && age > grace) || age > stalled
+            });
+        self.is_running() && !unhealthy
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Records the outcome of a read of these partitions.
+    fn record_read(&self, cursors: &[Cursor], succeeded: bool) {
+        let now = self.now_ms();
+        for cursor in cursors {
+            let index = cursor.partition as usize;
+            if let Some(failing) = self.read_failing.get(index) {
+                failing.store(!succeeded, Ordering::Relaxed);
+            }
+            if let (true, Some(last)) = (succeeded, self.last_read_ms.get(index)) {
+                last.store(now, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Loads the cursors from the store's heads, then reads until `shutdown` is cancelled.
@@ -86,6 +159,7 @@ impl Fanout {
         };
         let mut readers = JoinSet::new();
         for group in self.groups(&heads) {
+            self.record_read(&group, true);
             readers.spawn(self.clone().read_group(group, shutdown.clone()));
         }
         self.running.store(true, Ordering::Relaxed);
@@ -108,6 +182,7 @@ impl Fanout {
                 Err(err) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "loading partition heads failed");
+                    self.hub.metrics().store_error(operation::HEADS);
                     if !sleep_unless_cancelled(delay, shutdown).await {
                         return None;
                     }
@@ -158,12 +233,15 @@ impl Fanout {
             match read {
                 Ok(events) => {
                     backoff.reset();
+                    self.record_read(&cursors, true);
                     self.process(&mut cursors, events, &shutdown).await;
                 }
                 Err(err) => {
+                    self.record_read(&cursors, false);
                     let delay = backoff.next_delay();
                     let partitions: Vec<u32> = cursors.iter().map(|cursor| cursor.partition).collect();
                     tracing::warn!(?partitions, error = %err, retry_in_ms = delay.as_millis() as u64, "stream read failed");
+                    self.hub.metrics().stream_error(operation::READ);
                     if !sleep_unless_cancelled(delay, &shutdown).await {
                         return;
                     }
@@ -247,6 +325,7 @@ impl Fanout {
                 Err(err) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(partition = cursor.partition, error = %err, retry_in_ms = delay.as_millis() as u64, "gap fill from the store failed");
+                    self.hub.metrics().store_error(operation::READ_PARTITION);
                     if !sleep_unless_cancelled(delay, shutdown).await {
                         return;
                     }

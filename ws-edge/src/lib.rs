@@ -4,13 +4,14 @@
 //! Layout:
 //! - [`config`]: settings, each a flag and an environment variable.
 //! - [`server`]: [`serve`], the shared [`server::Edge`] state, readiness and the drain.
+//! - [`http`]: the HTTP accept loop, with a timeout on request headers.
 //! - [`routes`]: the warp filters for `/ws`, `/healthz`, `/readyz` and the demo page.
 //! - [`upgrade`]: the WebSocket handshake, with small per-socket buffers.
 //! - [`session`]: one socket's life: authentication, the reader loop, subscriptions, the end.
 //! - [`writer`]: one socket's writer task: batched writes, pings, close codes.
 //! - [`admission`]: handshake rate, socket counts and client message rates.
 //! - [`conflate`]: replacement of queued events by newer ones with the same key, per channel prefix.
-//! - [`stats`]: counters of what the limits rejected, dropped or closed.
+//! - [`metrics`]: the Prometheus metrics: sockets, deliveries, drops, closes, lag, errors.
 //! - [`outbound`]: the bounded per-socket queue that the fan-out pushes into without waiting.
 //! - [`frames`]: the client protocol's requests and control replies.
 //! - [`auth`]: token verification and channel authorization.
@@ -19,6 +20,7 @@
 //! - [`hub`]: channel to local subscribers, one shard per partition.
 //! - [`recent`]: each partition's window of recent events, which serves most resumes.
 //! - [`fanout`]: the stream reader: per-partition cursors, duplicate drop, gap fill.
+//! - [`delivery_trace`]: the `deliver` span of each event, closed after its last socket write.
 //! - [`recovery`]: replay from `since` out of the stream or the store.
 //! - [`coalesce`]: sharing of identical in-flight reads among recoveries.
 //! - [`backoff`]: retry delays.
@@ -32,12 +34,15 @@ pub mod backoff;
 pub mod coalesce;
 pub mod config;
 pub mod conflate;
+pub mod delivery_trace;
 pub mod demo;
 pub mod fanout;
 pub mod frames;
 pub mod history_client;
+pub mod http;
 pub mod hub;
 pub mod jwks;
+pub mod metrics;
 pub mod origin;
 pub mod outbound;
 pub mod recent;
@@ -45,7 +50,6 @@ pub mod recovery;
 pub mod routes;
 pub mod server;
 pub mod session;
-pub mod stats;
 pub mod stream;
 #[cfg(test)]
 mod testing;

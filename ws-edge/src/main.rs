@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use notify_proto::metrics::MetricsRegistry;
 use tokio::net::TcpListener;
 use ws_edge::Config;
 use ws_edge::history_client::GrpcHistory;
@@ -19,9 +20,16 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Args { config } = Args::parse();
-    notify_proto::telemetry::init();
+    let Args { config } = Args::try_parse()
+        .map_err(|err| notify_proto::settings::name_variable(err, &Args::command()))
+        .unwrap_or_else(|err| err.exit());
+    let telemetry = notify_proto::telemetry::init("ws-edge");
+    let result = run(config).await;
+    telemetry.shutdown();
+    result
+}
 
+async fn run(config: Config) -> anyhow::Result<()> {
     let redis_url = config
         .redis_url
         .as_deref()
@@ -35,6 +43,20 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind EDGE_LISTEN {}", config.listen))?;
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("bind EDGE_METRICS_LISTEN {}", config.metrics_listen))?;
 
-    ws_edge::serve(&config, log, history, listener, notify_proto::shutdown::signal()).await
+    let registry = MetricsRegistry::new();
+    let shutdown = notify_proto::shutdown::signal();
+    ws_edge::serve(
+        &config,
+        log,
+        history,
+        &registry,
+        listener,
+        Some(metrics_listener),
+        shutdown,
+    )
+    .await
 }

@@ -20,7 +20,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    notify_proto::telemetry::init();
+    let _telemetry = notify_proto::telemetry::init("bench");
     let open_files = bench::limits::raise_open_files_limit()?;
     tracing::info!(open_files, "open-files limit raised");
 
