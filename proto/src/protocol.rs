@@ -23,6 +23,11 @@ pub const RESERVED_TYPES: &[&str] = &[
 pub mod close {
     /// The server restarts or drains; reconnect, to another edge if there is one.
     pub const SERVICE_RESTART: u16 = 1012;
+    /// The client broke the WebSocket protocol: an unmasked frame, a reserved opcode, an orphan
+    /// continuation frame, a control frame over 125 bytes.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame or message exceeded the size limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// An unexpected server error.

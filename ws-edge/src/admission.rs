@@ -44,6 +44,9 @@ pub enum Rejected {
     Rate(Duration),
     /// `MAX_SOCKETS` sockets are open (HTTP 503).
     Full,
+    /// `MAX_UNAUTHENTICATED_SOCKETS` sockets wait for their `auth` frame (HTTP 503 with
+    /// `Retry-After`).
+    Unauthenticated,
 }
 
 /// Settings of [`Admission`].
@@ -51,6 +54,8 @@ pub enum Rejected {
 pub struct AdmissionLimits {
     /// Maximum open sockets on this edge.
     pub max_sockets: usize,
+    /// Maximum open sockets that wait for their `auth` frame, counted within `max_sockets`.
+    pub max_unauthenticated: usize,
     /// Maximum open sockets of one user.
     pub max_sockets_per_user: usize,
     /// Upgrades per second, and their burst.
@@ -69,6 +74,9 @@ pub struct Admission {
     handshakes: DirectLimiter,
     /// Sockets counted from the accepted upgrade to the end of their session.
     sockets: Arc<AtomicUsize>,
+    /// Sockets without a token in the handshake, counted from the accepted upgrade until their
+    /// `auth` frame is verified or they end.
+    unauthenticated: Arc<AtomicUsize>,
     /// Authenticated sockets per user. Capacity: one entry per user with an open socket, so at
     /// most `max_sockets`; an entry is removed with the user's last socket.
     users: Arc<UserSockets>,
@@ -84,6 +92,7 @@ impl Admission {
         Self {
             handshakes: ratelimit::direct(rate, burst),
             sockets: Arc::default(),
+            unauthenticated: Arc::default(),
             users: Arc::default(),
             user_messages: KeyedLimiter::new(user_rate, user_burst, limits.rate_limit_keys),
             limits,
@@ -103,10 +112,28 @@ impl Admission {
         let taken = self.sockets.fetch_add(1, Ordering::AcqRel);
         let slot = SocketSlot {
             sockets: self.sockets.clone(),
+            unauthenticated: None,
             user: None,
         };
         if taken >= self.limits.max_sockets {
             return Err(Rejected::Full);
+        }
+        Ok(slot)
+    }
+
+    /// Admits an upgrade without a token, whose socket waits for an `auth` frame: like
+    /// [`Admission::admit`], and it also holds one of the `max_unauthenticated` places until
+    /// [`Admission::add_user_socket`] or the end of the socket.
+    ///
+    /// # Errors
+    /// [`Rejected::Rate`], [`Rejected::Unauthenticated`] when every place for such sockets is
+    /// taken, or [`Rejected::Full`].
+    pub fn admit_without_token(&self) -> Result<SocketSlot, Rejected> {
+        let mut slot = self.admit()?;
+        let waiting = self.unauthenticated.fetch_add(1, Ordering::AcqRel);
+        slot.unauthenticated = Some(self.unauthenticated.clone());
+        if waiting >= self.limits.max_unauthenticated {
+            return Err(Rejected::Unauthenticated);
         }
         Ok(slot)
     }
@@ -116,6 +143,7 @@ impl Admission {
     /// # Errors
     /// Fails when the user already has `MAX_SOCKETS_PER_USER` sockets; the slot is unchanged.
     pub fn add_user_socket(&self, slot: &mut SocketSlot, user: &str) -> Result<(), usize> {
+        slot.release_unauthenticated();
         let max = self.limits.max_sockets_per_user;
         let mut users = lock(&self.users);
         let count = users.entry(user.to_owned()).or_default();
@@ -133,6 +161,11 @@ impl Admission {
     /// Returns the number of open sockets, counted from the accepted upgrade.
     pub fn sockets(&self) -> usize {
         self.sockets.load(Ordering::Acquire)
+    }
+
+    /// Returns the number of open sockets that wait for their `auth` frame.
+    pub fn unauthenticated_sockets(&self) -> usize {
+        self.unauthenticated.load(Ordering::Acquire)
     }
 
     /// Returns a message limiter for one socket of `user`.
@@ -158,11 +191,22 @@ fn lock(users: &UserSockets) -> MutexGuard<'_, HashMap<String, usize>> {
 /// A socket's place in the socket counts; dropping it frees the place.
 pub struct SocketSlot {
     sockets: Arc<AtomicUsize>,
+    /// The count of sockets waiting for their `auth` frame, while this one is among them.
+    unauthenticated: Option<Arc<AtomicUsize>>,
     user: Option<(Arc<UserSockets>, String)>,
+}
+
+impl SocketSlot {
+    fn release_unauthenticated(&mut self) {
+        if let Some(waiting) = self.unauthenticated.take() {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for SocketSlot {
     fn drop(&mut self) {
+        self.release_unauthenticated();
         self.sockets.fetch_sub(1, Ordering::AcqRel);
         let Some((users, user)) = self.user.take() else {
             return;
@@ -225,6 +269,7 @@ mod tests {
     fn admission(max_sockets: usize, handshake_burst: u32) -> Arc<Admission> {
         Arc::new(Admission::new(AdmissionLimits {
             max_sockets,
+            max_unauthenticated: 2,
             max_sockets_per_user: 2,
             handshake: (nonzero(1), nonzero(handshake_burst)),
             socket_messages: (nonzero(1), nonzero(3)),
@@ -253,6 +298,27 @@ mod tests {
         assert_eq!(admission.sockets(), 1);
         drop(first);
         assert!(admission.admit().is_ok());
+    }
+
+    #[test]
+    fn sockets_without_token_have_their_own_cap() {
+        let admission = admission(10, 10);
+        let mut first = admission.admit_without_token().expect("one of 2 places");
+        let _second = admission.admit_without_token().expect("two of 2 places");
+        assert!(matches!(
+            admission.admit_without_token(),
+            Err(Rejected::Unauthenticated)
+        ));
+        assert_eq!(admission.unauthenticated_sockets(), 2);
+        assert_eq!(admission.sockets(), 2, "the rejected upgrade freed its socket slot");
+
+        // Sockets with a token still get in, and authentication frees a place.
+        let _with_token = admission.admit().expect("token sockets are not capped by it");
+        assert_eq!(admission.add_user_socket(&mut first, "alice"), Ok(()));
+        assert_eq!(admission.unauthenticated_sockets(), 1);
+        let third = admission.admit_without_token().expect("a place was freed");
+        drop(third);
+        assert_eq!(admission.unauthenticated_sockets(), 1);
     }
 
     #[test]

@@ -26,6 +26,10 @@ const MIN_SECRET_BYTES: usize = 32;
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Maximum `JWT_LEEWAY`.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+/// Maximum time between now and a token's `exp`, 365 days. A token whose `exp` lies further
+/// ahead is rejected, which also keeps `expiresAt` far below 2^53, the largest integer a
+/// JavaScript client represents exactly.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Reason a token was rejected. The message is for logs; the client only gets close code 4002.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,7 +186,8 @@ impl Verifier {
         Ok(found.key)
     }
 
-    /// Checks what jsonwebtoken leaves out: an `iat` in the future and an empty `sub`.
+    /// Checks what jsonwebtoken leaves out: an `iat` in the future, an `exp` more than
+    /// [`MAX_TOKEN_LIFETIME`] ahead and an empty `sub`.
     fn check_claims(&self, claims: &Claims) -> Result<(), TokenError> {
         if claims.sub.is_empty() {
             return Err(TokenError::Malformed("sub is empty".into()));
@@ -193,6 +198,9 @@ impl Verifier {
             .as_secs();
         if claims.iat.is_some_and(|iat| iat > now.saturating_add(self.leeway)) {
             return Err(TokenError::InvalidClaim("iat is in the future"));
+        }
+        if claims.exp > now.saturating_add(MAX_TOKEN_LIFETIME.as_secs()) {
+            return Err(TokenError::InvalidClaim("exp is more than 365 days ahead"));
         }
         Ok(())
     }
@@ -365,6 +373,22 @@ mod tests {
         let mut recent = claims("alice", &[]);
         recent.exp = now() - 1;
         assert!(verifier().verify(&sign(&recent)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn far_expiry_is_rejected() {
+        let lifetime = MAX_TOKEN_LIFETIME.as_secs();
+        let mut within = claims("alice", &[]);
+        within.exp = now() + lifetime - 60;
+        assert_eq!(verifier().verify(&sign(&within)).await, Ok(within.clone()));
+        for exp in [now() + lifetime + 60, 1 << 53, u64::MAX] {
+            let far = Claims { exp, ..within.clone() };
+            assert_eq!(
+                verifier().verify(&sign(&far)).await,
+                Err(TokenError::InvalidClaim("exp is more than 365 days ahead")),
+                "exp {exp}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -12,6 +12,8 @@ use notify_proto::ratelimit::nonzero;
 
 /// Default address of the HTTP and WebSocket listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default address of the listener that serves `/metrics`, apart from the public WebSocket port.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
 /// Default clock skew allowed when checking a token's `exp`, `nbf` and `iat`.
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(5);
 /// Default minimum time between two JWKS fetches caused by an unknown key id.
@@ -30,6 +32,14 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_SOCKET_QUEUE_FRAMES: usize = 256;
 /// Default capacity of a socket's outbound queue, in bytes.
 pub const DEFAULT_SOCKET_QUEUE_BYTES: usize = 1024 * 1024;
+/// Minimum of `SOCKET_QUEUE_FRAMES`: a subscribe burst's replies and a paced replay, which keeps
+/// half of the queue for live frames, need a few frames of room.
+pub const MIN_SOCKET_QUEUE_FRAMES: usize = 8;
+/// Minimum of `SOCKET_QUEUE_BYTES`, 64 KiB, so that ordinary event and control frames fit.
+pub const MIN_SOCKET_QUEUE_BYTES: usize = 64 * 1024;
+/// Share of `MAX_SOCKETS` that sockets still waiting for their `auth` frame may take by default,
+/// in percent.
+pub const DEFAULT_UNAUTHENTICATED_SHARE_PERCENT: usize = 10;
 /// Default maximum number of subscriptions per socket.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
 /// Default maximum number of open sockets of one user; more close with 4029 after authentication.
@@ -65,9 +75,13 @@ pub struct Config {
     #[arg(long = "edge-listen", env = "EDGE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
+    /// Address of the listener that serves the Prometheus metrics at `/metrics`.
+    #[arg(long = "edge-metrics-listen", env = "EDGE_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
+
     /// HMAC secret that client tokens are signed with. `JWT_SECRET`, `JWKS_URL` or both are
     /// required.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = notify_proto::settings::parse_non_empty)]
     pub jwt_secret: Option<String>,
 
     /// URL of the identity provider's JSON Web Key Set, for RS256 and ES256 tokens. Must be https,
@@ -145,11 +159,11 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Capacity of each socket's outbound queue, in frames; a full queue closes the socket with 4008.
-    #[arg(long, env = "SOCKET_QUEUE_FRAMES", default_value_t = DEFAULT_SOCKET_QUEUE_FRAMES, value_parser = parse_positive)]
+    #[arg(long, env = "SOCKET_QUEUE_FRAMES", default_value_t = DEFAULT_SOCKET_QUEUE_FRAMES, value_parser = parse_queue_frames)]
     pub socket_queue_frames: usize,
 
     /// Capacity of each socket's outbound queue, in bytes; a full queue closes the socket with 4008.
-    #[arg(long, env = "SOCKET_QUEUE_BYTES", default_value_t = DEFAULT_SOCKET_QUEUE_BYTES, value_parser = parse_positive)]
+    #[arg(long, env = "SOCKET_QUEUE_BYTES", default_value_t = DEFAULT_SOCKET_QUEUE_BYTES, value_parser = parse_queue_bytes)]
     pub socket_queue_bytes: usize,
 
     /// Maximum number of subscriptions per socket.
@@ -160,6 +174,11 @@ pub struct Config {
     /// limit, after raising its soft value to the hard one.
     #[arg(long, env = "MAX_SOCKETS", value_parser = parse_positive)]
     pub max_sockets: Option<usize>,
+
+    /// Maximum number of open sockets that wait for their `auth` frame (no token in the
+    /// handshake); more such upgrades get HTTP 503. Default: 10% of `MAX_SOCKETS`, at least 1.
+    #[arg(long, env = "MAX_UNAUTHENTICATED_SOCKETS", value_parser = parse_positive)]
+    pub max_unauthenticated_sockets: Option<usize>,
 
     /// Maximum number of open sockets of one user; more close with 4029 after authentication.
     #[arg(long, env = "MAX_SOCKETS_PER_USER", default_value_t = DEFAULT_MAX_SOCKETS_PER_USER, value_parser = parse_positive)]
@@ -217,12 +236,37 @@ pub fn parse_algorithm(value: &str) -> Result<jsonwebtoken::Algorithm, String> {
     })
 }
 
+/// Parses `SOCKET_QUEUE_FRAMES`: a whole number of at least [`MIN_SOCKET_QUEUE_FRAMES`].
+///
+/// # Errors
+/// Fails on a smaller number or text, naming the variable and the minimum.
+pub fn parse_queue_frames(text: &str) -> Result<usize, String> {
+    parse_at_least(text, "SOCKET_QUEUE_FRAMES", MIN_SOCKET_QUEUE_FRAMES)
+}
+
+/// Parses `SOCKET_QUEUE_BYTES`: a whole number of at least [`MIN_SOCKET_QUEUE_BYTES`].
+///
+/// # Errors
+/// Fails on a smaller number or text, naming the variable and the minimum.
+pub fn parse_queue_bytes(text: &str) -> Result<usize, String> {
+    parse_at_least(text, "SOCKET_QUEUE_BYTES", MIN_SOCKET_QUEUE_BYTES)
+}
+
+fn parse_at_least(text: &str, variable: &str, min: usize) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(value) if value >= min => Ok(value),
+        Ok(_) => Err(format!("{variable} must be at least {min}")),
+        Err(err) => Err(format!("{err}; {variable} must be a whole number of at least {min}")),
+    }
+}
+
 impl Config {
     /// Returns a configuration with every default and the given token secret, for tests and
     /// embedding.
     pub fn with_secret(jwt_secret: impl Into<String>) -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             jwt_secret: Some(jwt_secret.into()),
             jwks_url: None,
             jwt_algorithms: Vec::new(),
@@ -244,6 +288,7 @@ impl Config {
             socket_queue_bytes: DEFAULT_SOCKET_QUEUE_BYTES,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_sockets: None,
+            max_unauthenticated_sockets: None,
             max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
             handshake_rate: DEFAULT_HANDSHAKE_RATE,
             handshake_burst: DEFAULT_HANDSHAKE_BURST,
@@ -352,11 +397,26 @@ mod tests {
     }
 
     #[test]
-    fn zero_queue_is_rejected() {
+    fn small_queue_is_rejected() {
         let err = parse(&["--jwt-secret", "s", "--socket-queue-frames", "0"]).err();
         let message = err.map(|err| err.to_string()).unwrap_or_default();
-        assert!(message.contains("SOCKET_QUEUE_FRAMES"), "{message}");
-        assert!(message.contains("at least 1"), "{message}");
+        assert!(message.contains("SOCKET_QUEUE_FRAMES must be at least 8"), "{message}");
+        let err = parse(&["--jwt-secret", "s", "--socket-queue-bytes", "10"]).err();
+        let message = err.map(|err| err.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("SOCKET_QUEUE_BYTES must be at least 65536"),
+            "{message}"
+        );
+        let parsed = parse(&[
+            "--jwt-secret",
+            "s",
+            "--socket-queue-frames",
+            "8",
+            "--socket-queue-bytes",
+            "65536",
+        ]);
+        let parsed = parsed.expect("the minimums are accepted");
+        assert_eq!((parsed.socket_queue_frames, parsed.socket_queue_bytes), (8, 65536));
     }
 
     #[test]

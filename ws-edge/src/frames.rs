@@ -165,6 +165,10 @@ pub enum Reply<'a> {
     Unsubscribed {
         /// Channel name.
         channel: &'a str,
+        /// Why the edge ended it on its own: `forbidden` when a refreshed token no longer grants
+        /// the channel. Absent in the reply to the client's `unsubscribe`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
     },
     /// A request failed; the socket stays open.
     Error {
@@ -262,6 +266,22 @@ mod tests {
         assert_eq!(
             subscribed.encode().as_str(),
             r#"{"type":"subscribed","channel":"news","position":3}"#
+        );
+        let revoked = Reply::Unsubscribed {
+            channel: "orders:eu",
+            reason: Some("forbidden"),
+        };
+        assert_eq!(
+            revoked.encode().as_str(),
+            r#"{"type":"unsubscribed","channel":"orders:eu","reason":"forbidden"}"#
+        );
+        let unsubscribed = Reply::Unsubscribed {
+            channel: "news",
+            reason: None,
+        };
+        assert_eq!(
+            unsubscribed.encode().as_str(),
+            r#"{"type":"unsubscribed","channel":"news"}"#
         );
         assert_eq!(
             error("forbidden", "no", Some("user:b")).as_str(),

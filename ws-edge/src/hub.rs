@@ -16,9 +16,10 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::conflate::Conflation;
+use crate::delivery_trace::DeliveryTrace;
+use crate::metrics::Metrics;
 use crate::outbound::{Ending, Outbound, Pushed, QueueLimits};
 use crate::recent::{Recent, RecentLimits};
-use crate::stats::Stats;
 
 /// An event encoded once for every recipient.
 #[derive(Debug, Clone)]
@@ -31,6 +32,22 @@ pub struct Delivery {
     pub user_id: String,
     /// The event frame, shared by every socket that receives it.
     pub frame: Utf8Bytes,
+    /// The event's `deliver` span, while spans are exported. The hub takes it before the
+    /// delivery goes into the recent window, so a replay never holds the span open.
+    pub trace: Option<Arc<DeliveryTrace>>,
+    /// When the event was committed, in milliseconds since the Unix epoch (the event's `ts_ms`).
+    pub committed_ms: i64,
+}
+
+/// What [`Subscription::offer`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    /// Queued to the socket, or buffered while the subscription recovers.
+    Queued,
+    /// Queued, replacing an older frame with the same conflation key.
+    Replaced,
+    /// Not for this socket, or dropped.
+    Skipped,
 }
 
 impl Delivery {
@@ -155,33 +172,49 @@ impl Subscription {
     }
 
     /// Offers a delivered event: queues, buffers or drops it according to the state. A live
-    /// subscription passes the event's conflation key to the socket's queue.
-    fn offer(&self, delivery: &Delivery, key: Option<&Arc<str>>, stats: &Stats) {
+    /// subscription passes the event's conflation key to the socket's queue, and counts itself
+    /// in the event's delivery span when it has one.
+    fn offer(&self, delivery: &Delivery, key: Option<&Arc<str>>, trace: Option<&Arc<DeliveryTrace>>) -> Offered {
         if !delivery.is_for(&self.socket.user_id) {
-            return;
+            return Offered::Skipped;
         }
         let mut state = self.lock();
-        let delivered = match &mut *state {
-            State::Live => match self.socket.queue.push_keyed(delivery.frame.clone(), key.cloned()) {
-                Ok(Pushed::Queued) => true,
-                Ok(Pushed::Replaced) => {
-                    Stats::add(&stats.conflated_frames_total);
-                    true
+        match &mut *state {
+            State::Live => match self.socket.queue.push_traced(
+                delivery.frame.clone(),
+                key.cloned(),
+                trace.map(DeliveryTrace::frame),
+            ) {
+                Ok(Pushed::Queued) => Offered::Queued,
+                Ok(Pushed::Replaced) => Offered::Replaced,
+                Err(_) => {
+                    *state = State::Removed;
+                    Offered::Skipped
                 }
-                Err(_) => false,
             },
-            State::Recovering(buffer) => self.buffer(buffer, delivery),
-            State::Removed => true,
-        };
-        if !delivered {
-            *state = State::Removed;
+            State::Recovering(buffer) => {
+                if let Some(trace) = trace {
+                    trace.count_buffered();
+                }
+                if self.buffer(buffer, delivery) {
+                    Offered::Queued
+                } else {
+                    *state = State::Removed;
+                    Offered::Skipped
+                }
+            }
+            State::Removed => Offered::Skipped,
         }
     }
 
     fn buffer(&self, buffer: &mut Buffer, delivery: &Delivery) -> bool {
         let size = delivery.frame.len();
-        let fits = buffer.events.len() < self.buffer_limits.frames && buffer.bytes + size <= self.buffer_limits.bytes;
+        // As in the socket's queue, one frame larger than the byte limit fits in an empty buffer.
+        let bytes_fit = buffer.bytes + size <= self.buffer_limits.bytes || buffer.events.is_empty();
+        let fits = buffer.events.len() < self.buffer_limits.frames && bytes_fit;
         if !fits {
+            // The buffered frames and this one are lost; the session counts them at its end.
+            self.socket.queue.add_dropped(buffer.events.len() + 1);
             buffer.events.clear();
             self.socket
                 .queue
@@ -222,7 +255,7 @@ pub struct Registration {
 pub struct Hub {
     shards: Vec<Shard>,
     conflation: Conflation,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 struct Shard {
@@ -255,15 +288,28 @@ impl Hub {
         Self {
             shards,
             conflation: Conflation::default(),
-            stats: Arc::default(),
+            metrics: Arc::new(Metrics::new(partitions.max(1))),
         }
     }
 
-    /// Sets which channels are conflated, and the counters conflation adds to.
-    pub fn with_conflation(mut self, conflation: Conflation, stats: Arc<Stats>) -> Self {
+    /// Sets which channels are conflated.
+    #[must_use]
+    pub fn with_conflation(mut self, conflation: Conflation) -> Self {
         self.conflation = conflation;
-        self.stats = stats;
         self
+    }
+
+    /// Records deliveries, subscriptions and drops in `metrics`; without this call they go to
+    /// metrics no registry reads.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Returns the metrics the hub records in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Returns the number of partitions.
@@ -310,18 +356,35 @@ impl Hub {
         let Some(last) = batch.last().map(|delivery| delivery.seq) else {
             return;
         };
+        // Spans of events that no socket queued end when dropped, so they wait for the unlock.
+        let mut traces = Vec::new();
+        self.metrics
+            .delivered(partition, batch.iter().map(|delivery| delivery.committed_ms));
+        // Counted here and added once per batch, so that the fan-out takes no lock per frame.
+        let (mut queued, mut replaced) = (0, 0);
         let mut state = self.lock(partition);
-        for delivery in batch {
+        for mut delivery in batch {
+            let trace = delivery.trace.take();
             if let Some(subscribers) = state.channels.get(&delivery.channel) {
                 let key = self.conflation.key_of(&delivery.channel, &delivery.frame);
                 for subscriber in subscribers {
-                    subscriber.offer(&delivery, key.as_ref(), &self.stats);
+                    match subscriber.offer(&delivery, key.as_ref(), trace.as_ref()) {
+                        Offered::Queued => queued += 1,
+                        Offered::Replaced => replaced += 1,
+                        Offered::Skipped => {}
+                    }
                 }
             }
             state.recent.push(delivery);
+            traces.extend(trace);
         }
         state.head = Some(last);
         drop(state);
+        drop(traces);
+        self.metrics.events_delivered.inc_by(queued + replaced);
+        if replaced > 0 {
+            self.metrics.frames_dropped_conflated.inc_by(replaced);
+        }
         self.shard(partition).head_tx.send_replace(Some(last));
     }
 
@@ -347,10 +410,29 @@ impl Hub {
     /// # Errors
     /// Fails when the partition has not started, or when `since` is above its head.
     pub fn register(&self, subscription: &Arc<Subscription>, since: Option<u64>) -> Result<Registration, HeadError> {
+        self.replace(None, subscription, since)
+    }
+
+    /// Adds a subscription like [`Hub::register`], and removes `previous` (a subscription of the
+    /// same socket and channel) in the same step, so that no event reaches both. When the checks
+    /// fail, `previous` stays registered.
+    ///
+    /// # Errors
+    /// Fails when the partition has not started, or when `since` is above its head.
+    pub fn replace(
+        &self,
+        previous: Option<&Arc<Subscription>>,
+        subscription: &Arc<Subscription>,
+        since: Option<u64>,
+    ) -> Result<Registration, HeadError> {
         let mut state = self.lock(subscription.partition);
         let head = state.head.ok_or(HeadError::NotReady)?;
         if since.is_some_and(|since| since > head) {
             return Err(HeadError::Behind { head });
+        }
+        if let Some(previous) = previous {
+            previous.remove();
+            self.remove_locked(&mut state, previous);
         }
         let recent = since.and_then(|since| {
             let (channel, user_id) = (subscription.channel(), subscription.user_id());
@@ -358,6 +440,7 @@ impl Hub {
         });
         let subscribers = state.channels.entry(subscription.channel.clone()).or_default();
         subscribers.push(subscription.clone());
+        self.metrics.subscriptions.inc();
         Ok(Registration { head, recent })
     }
 
@@ -365,8 +448,14 @@ impl Hub {
     pub fn unregister(&self, subscription: &Arc<Subscription>) {
         subscription.remove();
         let mut state = self.lock(subscription.partition);
+        self.remove_locked(&mut state, subscription);
+    }
+
+    fn remove_locked(&self, state: &mut ShardState, subscription: &Arc<Subscription>) {
         if let Some(subscribers) = state.channels.get_mut(&subscription.channel) {
+            let before = subscribers.len();
             subscribers.retain(|other| !Arc::ptr_eq(other, subscription));
+            self.metrics.subscriptions.dec_by((before - subscribers.len()) as i64);
             if subscribers.is_empty() {
                 state.channels.remove(&subscription.channel);
             }
@@ -402,6 +491,8 @@ pub(crate) mod tests {
             channel: channel.into(),
             user_id: String::new(),
             frame: format!("{channel}:{seq}").into(),
+            trace: None,
+            committed_ms: 0,
         }
     }
 
@@ -470,6 +561,29 @@ pub(crate) mod tests {
             hub.register(&subscription, Some(6)).err(),
             Some(HeadError::Behind { head: 5 })
         );
+    }
+
+    #[test]
+    fn rejected_replacement_keeps_previous() {
+        let hub = started_hub(5);
+        let alice = socket("alice");
+        let previous = Arc::new(Subscription::new(alice.clone(), "news".into(), 0));
+        hub.register(&previous, None).expect("partition started");
+        previous.go_live(5);
+        let next = Arc::new(Subscription::new(alice.clone(), "news".into(), 0));
+        assert_eq!(
+            hub.replace(Some(&previous), &next, Some(9)).err(),
+            Some(HeadError::Behind { head: 5 })
+        );
+        hub.deliver(0, vec![delivery(6, "news")]);
+        assert_eq!(drained(&alice), ["news:6"]);
+
+        // An accepted replacement delivers each later event once, through the new subscription.
+        let registration = hub.replace(Some(&previous), &next, Some(6)).expect("since is the head");
+        next.go_live(registration.head);
+        hub.deliver(0, vec![delivery(7, "news")]);
+        assert_eq!(drained(&alice), ["news:7"]);
+        assert_eq!(hub.channel_count(0), 1);
     }
 
     #[test]

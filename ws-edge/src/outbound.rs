@@ -8,7 +8,10 @@ use notify_proto::protocol::close;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// Capacity of a queue. A push that would exceed either limit overflows.
+use crate::delivery_trace::{self, FrameTrace};
+
+/// Capacity of a queue. A push that would exceed either limit overflows, except that a frame
+/// larger than `bytes` enters an empty queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueLimits {
     /// Maximum number of frames waiting.
@@ -71,12 +74,16 @@ struct State {
     frames: VecDeque<Queued>,
     bytes: usize,
     ending: Option<Ending>,
+    /// Frames discarded by an overflow of this queue or of a recovery buffer, for the metrics.
+    dropped: usize,
 }
 
 struct Queued {
     frame: Utf8Bytes,
     /// Conflation key (see [`crate::conflate`]); `None` for frames that are never replaced.
     key: Option<Arc<str>>,
+    /// The event's delivery span counters, while spans are exported.
+    trace: Option<FrameTrace>,
 }
 
 impl State {
@@ -123,14 +130,32 @@ impl Outbound {
     /// # Errors
     /// Fails when the queue is full, which also starts closing the socket, or already closing.
     pub fn push_keyed(&self, frame: Utf8Bytes, key: Option<Arc<str>>) -> Result<Pushed, PushError> {
+        self.push_traced(frame, key, None)
+    }
+
+    /// Queues a frame like [`Outbound::push_keyed`], with its event's delivery span counters.
+    /// A frame that is dropped instead of written counts as dropped there.
+    ///
+    /// # Errors
+    /// Fails when the queue is full, which also starts closing the socket, or already closing.
+    pub fn push_traced(
+        &self,
+        frame: Utf8Bytes,
+        key: Option<Arc<str>>,
+        trace: Option<FrameTrace>,
+    ) -> Result<Pushed, PushError> {
         let mut state = self.lock();
         if state.ending.is_some() {
             return Err(PushError::Closing);
         }
         let busy = 2 * state.frames.len() >= self.limits.frames || 2 * state.bytes >= self.limits.bytes;
         let replaced = busy && key.as_deref().is_some_and(|key| state.remove_key(key));
-        let fits = state.frames.len() < self.limits.frames && state.bytes + frame.len() <= self.limits.bytes;
+        // A frame larger than the byte limit still enters an empty queue, so that one large event
+        // cannot close every subscriber forever. A queue holds at most its bytes plus one frame.
+        let bytes_fit = state.bytes + frame.len() <= self.limits.bytes || state.frames.is_empty();
+        let fits = state.frames.len() < self.limits.frames && bytes_fit;
         if !fits {
+            state.dropped += state.frames.len() + 1;
             state.frames.clear();
             state.bytes = 0;
             state.ending = Some(Ending::Close(close::SLOW_CONSUMER, "outbound queue full"));
@@ -140,7 +165,7 @@ impl Outbound {
             return Err(PushError::Overflow);
         }
         state.bytes += frame.len();
-        state.frames.push_back(Queued { frame, key });
+        state.frames.push_back(Queued { frame, key, trace });
         drop(state);
         self.ready.notify_one();
         Ok(if replaced { Pushed::Replaced } else { Pushed::Queued })
@@ -167,6 +192,18 @@ impl Outbound {
         self.lock().ending.is_some()
     }
 
+    /// Counts frames meant for this socket that an overflow discarded elsewhere, such as in a
+    /// subscription's recovery buffer.
+    pub fn add_dropped(&self, frames: usize) {
+        self.lock().dropped += frames;
+    }
+
+    /// Returns the number of frames that overflows discarded, queued ones and the one that
+    /// did not fit.
+    pub fn dropped(&self) -> usize {
+        self.lock().dropped
+    }
+
     /// Returns whether the socket is ending because its client read too slowly.
     pub fn is_slow_consumer(&self) -> bool {
         matches!(self.lock().ending, Some(Ending::Close(close::SLOW_CONSUMER, _)))
@@ -186,10 +223,24 @@ impl Outbound {
         }
     }
 
-    /// Moves every queued frame into `batch` and returns the ending, if one was requested.
+    /// Moves every queued frame into `batch` and returns the ending, if one was requested. The
+    /// frames count as written for their delivery spans; a writer uses
+    /// [`Outbound::drain_traced_into`] instead.
     pub fn drain_into(&self, batch: &mut Vec<Utf8Bytes>) -> Option<Ending> {
+        let mut traces = Vec::new();
+        let ending = self.drain_traced_into(batch, &mut traces);
+        delivery_trace::mark_written(&mut traces);
+        ending
+    }
+
+    /// Moves every queued frame into `batch` and the delivery span counters of those that have
+    /// them into `traces`, and returns the ending, if one was requested.
+    pub fn drain_traced_into(&self, batch: &mut Vec<Utf8Bytes>, traces: &mut Vec<FrameTrace>) -> Option<Ending> {
         let mut state = self.lock();
-        batch.extend(state.frames.drain(..).map(|queued| queued.frame));
+        for queued in state.frames.drain(..) {
+            batch.push(queued.frame);
+            traces.extend(queued.trace);
+        }
         state.bytes = 0;
         let ending = state.ending;
         drop(state);
@@ -264,6 +315,16 @@ mod tests {
         queue.push("de".into()).expect("exactly fits");
         assert_eq!(queue.push("f".into()), Err(PushError::Overflow));
         assert!(queue.is_ending());
+    }
+
+    #[test]
+    fn frame_larger_than_byte_limit_enters_empty_queue() {
+        let queue = queue(100, 5);
+        assert_eq!(queue.push("abcdefgh".into()), Ok(()));
+        assert_eq!(queue.push("i".into()), Err(PushError::Overflow));
+        let queue = self::queue(100, 5);
+        queue.push("a".into()).expect("fits");
+        assert_eq!(queue.push("abcdefgh".into()), Err(PushError::Overflow));
     }
 
     #[test]

@@ -1,18 +1,20 @@
-//! The HTTP routes: `/ws`, `/healthz`, `/readyz`, the demo page `/` and `/demo/config`.
+//! The HTTP routes: `/ws`, `/healthz`, `/readyz`, the demo page `/` and `/demo/config`, and
+//! `/metrics` on its own listener.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use notify_proto::metrics::MetricsRegistry;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::admission::Rejected;
 use crate::demo;
+use crate::metrics::upgrade_rejected;
 use crate::server::Edge;
 use crate::session;
-use crate::stats::Stats;
 use crate::upgrade::{self, Upgrade};
 
 /// Returns every route of the edge.
@@ -22,7 +24,7 @@ pub fn routes(edge: Arc<Edge>) -> impl Filter<Extract = (impl Reply,), Error = R
     let websocket = warp::path!("ws")
         .and(upgrade::upgrade())
         .and(handshake())
-        .and(warp::addr::remote())
+        .and(crate::http::client_addr())
         .and(with_edge.clone())
         .map(open_socket);
     let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok");
@@ -94,11 +96,24 @@ fn handshake() -> impl Filter<Extract = (Handshake,), Error = Infallible> + Clon
                         protocol_token = Some(token.to_owned());
                     }
                 }
-                let bearer = authorization.and_then(|value| value.strip_prefix("Bearer ").map(str::to_owned));
-                handshake.token = query.or(bearer).or(protocol_token);
+                let bearer = authorization.as_deref().and_then(bearer_token);
+                handshake.token = pick_token([query, bearer, protocol_token]);
                 handshake
             },
         )
+}
+
+/// Returns the first of the tokens that is present and not empty, so that an empty `?token=`
+/// does not hide a token in the `Authorization` header or the subprotocol list.
+fn pick_token(candidates: [Option<String>; 3]) -> Option<String> {
+    candidates.into_iter().flatten().find(|token| !token.is_empty())
+}
+
+/// Returns the token of an `Authorization: Bearer <token>` value. The scheme is matched without
+/// regard to case, as RFC 7235 requires.
+fn bearer_token(value: &str) -> Option<String> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
 /// Returns the first `token` parameter of a query string; an undecodable string has none.
@@ -115,13 +130,19 @@ fn query_token(raw: &str) -> Option<String> {
 fn open_socket(upgrade: Upgrade, handshake: Handshake, remote: Option<SocketAddr>, edge: Arc<Edge>) -> Response {
     if !edge.origins.allows(handshake.origin.as_deref()) {
         tracing::info!(client.addr = ?remote, origin = ?handshake.origin, "rejected websocket upgrade from a disallowed origin");
+        edge.metrics.upgrade_rejected(upgrade_rejected::ORIGIN);
         return upgrade::status(StatusCode::FORBIDDEN);
     }
     if edge.shutdown.is_cancelled() {
         tracing::info!(client.addr = ?remote, "refusing websocket upgrade while draining");
+        edge.metrics.upgrade_rejected(upgrade_rejected::DRAINING);
         return upgrade::status(StatusCode::SERVICE_UNAVAILABLE);
     }
-    let slot = match edge.admission.admit() {
+    let admitted = match handshake.token {
+        Some(_) => edge.admission.admit(),
+        None => edge.admission.admit_without_token(),
+    };
+    let slot = match admitted {
         Ok(slot) => slot,
         Err(rejected) => return reject_upgrade(&edge, rejected, remote),
     };
@@ -146,11 +167,12 @@ fn open_socket(upgrade: Upgrade, handshake: Handshake, remote: Option<SocketAddr
 }
 
 /// Counts a rejected upgrade and returns its response: 429 with `Retry-After` in whole seconds
-/// (at least 1) over the handshake rate, 503 when every socket slot is taken.
+/// (at least 1) over the handshake rate, 503 when every socket slot is taken, and 503 with
+/// `Retry-After: 1` when every place for sockets without a token is taken.
 fn reject_upgrade(edge: &Edge, rejected: Rejected, remote: Option<SocketAddr>) -> Response {
     match rejected {
         Rejected::Rate(wait) => {
-            Stats::add(&edge.stats.rejected_handshake_rate_total);
+            edge.metrics.upgrade_rejected(upgrade_rejected::HANDSHAKE_RATE);
             tracing::debug!(client.addr = ?remote, wait_ms = wait.as_millis() as u64, "upgrade over the handshake rate");
             let mut response = upgrade::status(StatusCode::TOO_MANY_REQUESTS);
             let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -160,11 +182,40 @@ fn reject_upgrade(edge: &Edge, rejected: Rejected, remote: Option<SocketAddr>) -
             response
         }
         Rejected::Full => {
-            Stats::add(&edge.stats.rejected_max_sockets_total);
+            edge.metrics.upgrade_rejected(upgrade_rejected::MAX_SOCKETS);
             tracing::debug!(client.addr = ?remote, sockets = edge.admission.sockets(), "upgrade over MAX_SOCKETS");
             upgrade::status(StatusCode::SERVICE_UNAVAILABLE)
         }
+        Rejected::Unauthenticated => {
+            edge.metrics.upgrade_rejected(upgrade_rejected::UNAUTHENTICATED);
+            tracing::debug!(
+                client.addr = ?remote,
+                waiting = edge.admission.unauthenticated_sockets(),
+                "upgrade without a token over MAX_UNAUTHENTICATED_SOCKETS"
+            );
+            let mut response = upgrade::status(StatusCode::SERVICE_UNAVAILABLE);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            response
+        }
     }
+}
+
+/// Serves `GET /metrics`, the OpenMetrics text of `registry`, on `listener` until `stop`
+/// resolves. It is a listener of its own (`EDGE_METRICS_LISTEN`), so that the public WebSocket
+/// port does not expose the metrics and needs no rule to hide them.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: MetricsRegistry,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        warp::reply::with_header(
+            registry.encode(),
+            header::CONTENT_TYPE,
+            notify_proto::metrics::CONTENT_TYPE,
+        )
+    });
+    warp::serve(metrics).incoming(listener).graceful(stop).run().await;
 }
 
 /// Returns 200 while the stream reader runs and the edge is not draining, else 503.
@@ -187,5 +238,24 @@ mod tests {
         assert_eq!(query_token("token=a%2Eb"), Some("a.b".to_owned()));
         assert_eq!(query_token("other=1"), None);
         assert_eq!(query_token(""), None);
+    }
+
+    #[test]
+    fn empty_query_token_does_not_hide_the_header() {
+        let token = |value: &str| Some(value.to_owned());
+        assert_eq!(pick_token([token(""), token("h.h.h"), None]), token("h.h.h"));
+        assert_eq!(pick_token([token(""), None, token("p.p.p")]), token("p.p.p"));
+        assert_eq!(pick_token([token("q.q.q"), token("h.h.h"), None]), token("q.q.q"));
+        assert_eq!(pick_token([token(""), token(""), None]), None);
+    }
+
+    #[test]
+    fn bearer_scheme_ignores_case() {
+        for value in ["Bearer a.b.c", "bearer a.b.c", "BEARER a.b.c", "  bEaReR   a.b.c "] {
+            assert_eq!(bearer_token(value), Some("a.b.c".to_owned()), "{value:?}");
+        }
+        assert_eq!(bearer_token("Basic a.b.c"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearera.b.c"), None);
     }
 }

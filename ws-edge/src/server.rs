@@ -7,25 +7,26 @@ use std::time::Duration;
 use anyhow::Context;
 use notify_proto::history::HistoryStore;
 use notify_proto::log::LogReader;
+use notify_proto::metrics::MetricsRegistry;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use warp::{Filter, Reply};
 
 use crate::admission::{self, Admission, AdmissionLimits};
 use crate::auth::{ChannelPolicy, Verifier};
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_UNAUTHENTICATED_SHARE_PERCENT};
 use crate::conflate::Conflation;
 use crate::demo::DemoConfig;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::outbound::QueueLimits;
 use crate::recent::RecentLimits;
 use crate::recovery::Recovery;
-use crate::stats::Stats;
-use crate::{routes, upgrade};
+use crate::{http, routes, upgrade};
 
 /// Per-socket limits taken from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -58,26 +59,36 @@ pub struct Edge {
     pub(crate) demo: DemoConfig,
     /// Handshake rate, socket counts and message rates.
     pub(crate) admission: Arc<Admission>,
-    /// Counters of what the limits rejected, dropped or closed.
-    pub(crate) stats: Arc<Stats>,
+    /// The edge's metrics, shared with the hub.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Edge {
-    /// Builds the shared state.
+    /// Builds the shared state, with its metrics registered in `registry`.
     ///
     /// # Errors
     /// Fails when a setting is invalid, naming it.
-    pub fn new(config: &Config, log: Arc<dyn LogReader>, history: Arc<dyn HistoryStore>) -> anyhow::Result<Self> {
-        let stats = Arc::new(Stats::default());
+    pub fn new(
+        config: &Config,
+        log: Arc<dyn LogReader>,
+        history: Arc<dyn HistoryStore>,
+        registry: &MetricsRegistry,
+    ) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::register(registry, config.partitions));
         let conflation = Conflation::new(config.conflate_prefixes.iter().map(String::as_str));
-        let hub = Hub::new(config.partitions, RecentLimits::default()).with_conflation(conflation, stats.clone());
+        let hub = Hub::new(config.partitions, RecentLimits::default())
+            .with_conflation(conflation)
+            .with_metrics(metrics.clone());
         let hub = Arc::new(hub);
+        let verifier = Verifier::with_settings(config.verifier_settings()?)?;
+        let admission = Arc::new(Admission::new(admission_limits(config)));
+        metrics.watch(admission.clone(), verifier.jwks().cloned());
         let queue = QueueLimits {
             frames: config.socket_queue_frames,
             bytes: config.socket_queue_bytes,
         };
         Ok(Self {
-            verifier: Verifier::with_settings(config.verifier_settings()?)?,
+            verifier,
             policy: ChannelPolicy::new(config.public_namespaces()),
             origins: OriginPolicy::new(config.allowed_origins.iter().map(String::as_str))?,
             fanout: Arc::new(Fanout::new(hub.clone(), log.clone(), history.clone())),
@@ -89,34 +100,38 @@ impl Edge {
                 jwt_leeway: config.jwt_leeway,
                 token_expiry_warning: config.token_expiry_warning,
             },
-            socket_config: upgrade::socket_config(config.max_message_bytes, queue.bytes),
+            socket_config: upgrade::socket_config(config.max_message_bytes),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             demo: DemoConfig {
                 publish_command: config.demo_publish_command.clone(),
             },
-            admission: Arc::new(Admission::new(admission_limits(config))),
-            stats,
+            admission,
+            metrics,
         })
     }
 
-    /// Returns the counters of what the limits rejected, dropped or closed.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
+    /// Returns the edge's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
-    /// Returns whether the edge should receive traffic: the stream reader runs and no drain
-    /// has started.
+    /// Returns whether the edge should receive traffic: the stream reader runs and reads (see
+    /// [`Fanout::is_healthy`]), and no drain has started.
     pub fn is_ready(&self) -> bool {
-        self.fanout.is_running() && !self.shutdown.is_cancelled()
+        self.fanout.is_healthy() && !self.shutdown.is_cancelled()
     }
 }
 
 /// Returns the admission limits of a configuration; without `MAX_SOCKETS`, raises the
 /// open-files limit and takes a share of it.
 fn admission_limits(config: &Config) -> AdmissionLimits {
+    let max_sockets = config.max_sockets.unwrap_or_else(admission::default_max_sockets);
+    let share = max_sockets / 100 * DEFAULT_UNAUTHENTICATED_SHARE_PERCENT
+        + max_sockets % 100 * DEFAULT_UNAUTHENTICATED_SHARE_PERCENT / 100;
     AdmissionLimits {
-        max_sockets: config.max_sockets.unwrap_or_else(admission::default_max_sockets),
+        max_sockets,
+        max_unauthenticated: config.max_unauthenticated_sockets.unwrap_or(share.max(1)),
         max_sockets_per_user: config.max_sockets_per_user,
         handshake: (config.handshake_rate, config.handshake_burst),
         socket_messages: (config.socket_message_rate, config.socket_message_burst),
@@ -125,11 +140,14 @@ fn admission_limits(config: &Config) -> AdmissionLimits {
     }
 }
 
-/// Serves the edge on `listener` until `shutdown` resolves, then drains.
+/// Serves the edge on `listener`, and `registry`'s metrics at `/metrics` on `metrics_listener`
+/// if given, until `shutdown` resolves, then drains.
 ///
-/// Logs `listening` with `service = "http"` and the bound address once it serves. On shutdown it
-/// stops accepting, closes every socket with 1012 after the frames already queued, and waits up
-/// to `SHUTDOWN_GRACE` for them.
+/// Logs `listening` with `service = "http"` (and `service = "metrics"`) and the bound address
+/// once it serves. On shutdown it closes every socket with 1012 after the frames already queued
+/// and waits up to `SHUTDOWN_GRACE` for them, while the listener returns 503 to new upgrades
+/// and to `/readyz`; then it closes the listener. The metrics listener stops when the drain
+/// starts.
 ///
 /// # Errors
 /// Fails when a setting is invalid or the HTTP server stops on its own.
@@ -137,11 +155,22 @@ pub async fn serve(
     config: &Config,
     log: Arc<dyn LogReader>,
     history: Arc<dyn HistoryStore>,
+    registry: &MetricsRegistry,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let edge = Arc::new(Edge::new(config, log, history)?);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "edge starting");
+    let edge = Arc::new(Edge::new(config, log, history, registry)?);
     let addr = listener.local_addr().context("read the listener's address")?;
+    if let Some(metrics_listener) = metrics_listener {
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .context("read the metrics listener's address")?;
+        let stop = edge.shutdown.clone().cancelled_owned();
+        tokio::spawn(routes::serve_metrics(metrics_listener, registry.clone(), stop));
+        tracing::info!(service = "metrics", addr = %metrics_addr, "listening");
+    }
 
     // Start the stream reader; it loads the partition heads in the background.
     let fanout = tokio::spawn(edge.fanout.clone().run(edge.shutdown.clone()));
@@ -151,22 +180,14 @@ pub async fn serve(
         tokio::spawn(jwks.clone().run(edge.shutdown.clone()));
     }
 
-    // Serve until the signal, which cancels the edge's token.
-    let stop = edge.shutdown.clone();
-    let signal = async move {
-        shutdown.await;
-        stop.cancel();
-    };
-    let server = warp::serve(routes::routes(edge.clone()))
-        .incoming(listener)
-        .graceful(signal);
+    // Serve until the signal. The listener stays open during the drain and returns 503 to
+    // upgrades and to `/readyz`, then closes when the drain ends.
+    let server_stop = CancellationToken::new();
+    let routes = routes::routes(edge.clone()).map(Reply::into_response).boxed();
     tracing::info!(service = "http", addr = %addr, "listening");
-    let mut server = tokio::spawn(server.run());
+    let mut server = tokio::spawn(http::serve(listener, routes, server_stop.clone().cancelled_owned()));
     tokio::select! {
-        // The signal cancels the token before the server stops, so a server that stops with the
-        // token cancelled is a normal shutdown and takes this branch.
-        biased;
-        () = edge.shutdown.cancelled() => {}
+        () = shutdown => {}
         result = &mut server => {
             edge.shutdown.cancel();
             let _ = fanout.await;
@@ -175,25 +196,31 @@ pub async fn serve(
     }
 
     // Drain: the sockets close with 1012 as soon as the token is cancelled.
-    drain(&edge, server, config.shutdown_grace).await;
+    drain(&edge, config.shutdown_grace).await;
+    server_stop.cancel();
+    if tokio::time::timeout(HTTP_STOP_TIMEOUT, server).await.is_err() {
+        tracing::warn!("HTTP requests still in progress after the drain; dropping them");
+    }
     let _ = fanout.await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-/// Waits for the HTTP server and every socket to finish, up to `grace`.
-async fn drain(edge: &Edge, server: JoinHandle<()>, grace: Duration) {
+/// Time the HTTP requests still in progress (not upgraded sockets) get after the drain.
+const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Cancels the edge's token, which closes every socket with 1012, and waits up to `grace` for
+/// them to end.
+async fn drain(edge: &Edge, grace: Duration) {
     let grace_ms = grace.as_millis() as u64;
-    tracing::info!(sockets = edge.sessions.len(), grace_ms, "draining");
+    tracing::info!(sockets = edge.admission.sockets(), grace_ms, "draining");
+    edge.shutdown.cancel();
     edge.sessions.close();
-    let finished = async {
-        let _ = server.await;
-        edge.sessions.wait().await;
-    };
-    match tokio::time::timeout(grace, finished).await {
+    match tokio::time::timeout(grace, edge.sessions.wait()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!(
             grace_ms,
-            sockets = edge.sessions.len(),
+            sockets = edge.admission.sockets(),
             "drain did not finish within SHUTDOWN_GRACE; dropping the remaining sockets"
         ),
     }

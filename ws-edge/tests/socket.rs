@@ -2,6 +2,7 @@
 //! client.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -10,7 +11,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use notify_proto::channel::partition_of;
 use notify_proto::claims::Claims;
 use notify_proto::history::{HistoryError, HistoryStore};
-use notify_proto::log::{LogReader, LogWriter};
+use notify_proto::log::{Cursor, LogError, LogReader, LogWriter, RangePage};
 use notify_proto::memory::MemoryLog;
 use notify_proto::pb::{Event, ReadPartitionResponse};
 use notify_proto::protocol::close;
@@ -64,26 +65,63 @@ impl HistoryStore for LogHistory {
     }
 }
 
+/// The in-process stream as the edge reads it, with a switch that makes every read fail, as
+/// when Redis is down.
+struct SwitchedLog {
+    log: Arc<MemoryLog>,
+    failing: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl LogReader for SwitchedLog {
+    async fn read(&self, cursors: &[Cursor], block: Duration, count: usize) -> Result<Vec<Event>, LogError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(LogError::Unavailable("the test switched the stream off".into()));
+        }
+        LogReader::read(&*self.log, cursors, block.min(Duration::from_millis(200)), count).await
+    }
+
+    async fn range(&self, partition: u32, after: u64, limit: usize) -> Result<RangePage, LogError> {
+        self.log.range(partition, after, limit).await
+    }
+
+    async fn last_seq(&self, partition: u32) -> Result<u64, LogError> {
+        LogReader::last_seq(&*self.log, partition).await
+    }
+}
+
 /// A running edge. Dropping it without `stop` leaves the server to the test runtime's end.
 struct Edge {
     addr: std::net::SocketAddr,
     log: Arc<MemoryLog>,
+    /// Makes the edge's stream reads fail while true.
+    reads_fail: Arc<AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Edge {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::with_secret(SECRET);
         config.partitions = PARTITIONS;
+        config.max_sockets = Some(1000);
+        configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound address");
         let log = Arc::new(MemoryLog::new(PARTITIONS, 100));
         let history = Arc::new(LogHistory(log.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
-        let reader: Arc<dyn LogReader> = log.clone();
+        let reads_fail = Arc::new(AtomicBool::new(false));
+        let reader: Arc<dyn LogReader> = Arc::new(SwitchedLog {
+            log: log.clone(),
+            failing: reads_fail.clone(),
+        });
         let server = tokio::spawn(async move {
-            ws_edge::serve(&config, reader, history, listener, async {
+            ws_edge::serve(&config, reader, history, &Default::default(), listener, None, async {
                 let _ = stopped.await;
             })
             .await
@@ -91,6 +129,7 @@ impl Edge {
         Self {
             addr,
             log,
+            reads_fail,
             stop: Some(stop),
             server,
         }
@@ -300,6 +339,7 @@ async fn shutdown_closes_sockets_with_1012() {
     let Edge {
         addr,
         log,
+        reads_fail,
         stop,
         server,
     } = edge;
@@ -309,6 +349,7 @@ async fn shutdown_closes_sockets_with_1012() {
     let edge = Edge {
         addr,
         log,
+        reads_fail,
         stop: None,
         server,
     };
@@ -355,5 +396,266 @@ async fn http_endpoints_answer() {
     assert_eq!(status, 200);
     let config: Value = serde_json::from_str(&config).expect("config is JSON");
     assert_eq!(config["publishCommand"], ws_edge::config::DEFAULT_DEMO_PUBLISH_COMMAND);
+    edge.stop().await;
+}
+
+/// Polls `/readyz` every 100 ms, at most 150 times, until it returns `status`; returns the last.
+async fn wait_for_readyz(addr: std::net::SocketAddr, status: u16) -> u16 {
+    let mut last = 0;
+    for _ in 0..150 {
+        last = http_get(addr, "/readyz").await.0;
+        if last == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn failing_stream_reads_fail_readiness_and_resumes() {
+    let edge = Edge::start().await;
+    assert_eq!(wait_for_readyz(edge.addr, 200).await, 200);
+    let (mut client, _) = edge.connect("alice").await;
+    send(&mut client, json!({"type":"subscribe","channel":"news"})).await;
+    let position = recv(&mut client).await["position"].clone();
+
+    // While reads fail, a resume cannot know what it missed, and the edge turns not ready after
+    // its grace.
+    edge.reads_fail.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(
+        &mut client,
+        json!({"type":"subscribe","channel":"news","since":position}),
+    )
+    .await;
+    let refused = recv(&mut client).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert_eq!(wait_for_readyz(edge.addr, 503).await, 503);
+
+    // The failed resume left the subscription in place, and reading again restores both.
+    edge.reads_fail.store(false, Ordering::SeqCst);
+    assert_eq!(wait_for_readyz(edge.addr, 200).await, 200);
+    edge.publish("news", 1..=1).await;
+    let event = recv(&mut client).await;
+    assert_eq!(event["position"], 1, "{event}");
+    send(&mut client, json!({"type":"subscribe","channel":"news","since":0})).await;
+    let resumed = recv(&mut client).await;
+    assert_eq!(resumed["type"], "subscribed", "{resumed}");
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn rejected_resubscribe_keeps_subscription() {
+    let edge = Edge::start().await;
+    let (mut client, _) = edge.connect("alice").await;
+    send(&mut client, json!({"type":"subscribe","channel":"news"})).await;
+    assert_eq!(recv(&mut client).await["type"], "subscribed");
+    send(
+        &mut client,
+        json!({"type":"subscribe","channel":"news","since":999_999}),
+    )
+    .await;
+    let rejected = recv(&mut client).await;
+    assert_eq!(rejected["code"], "invalid_position", "{rejected}");
+
+    edge.publish("news", 1..=1).await;
+    let event = recv(&mut client).await;
+    assert_eq!(event["type"], "post.created", "{event}");
+    assert_eq!(event["position"], 1, "{event}");
+    send(&mut client, json!({"type":"unsubscribe","channel":"news"})).await;
+    assert_eq!(recv(&mut client).await, json!({"type":"unsubscribed","channel":"news"}));
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn event_larger_than_queue_bytes_is_delivered() {
+    let queue_bytes = ws_edge::config::MIN_SOCKET_QUEUE_BYTES;
+    let edge = Edge::start_with(|config| config.socket_queue_bytes = queue_bytes).await;
+    let (mut client, _) = edge.connect("alice").await;
+    send(&mut client, json!({"type":"subscribe","channel":"news"})).await;
+    assert_eq!(recv(&mut client).await["type"], "subscribed");
+
+    let text = "x".repeat(2 * queue_bytes);
+    let event = Event {
+        id: "big".into(),
+        partition: partition_of("news", PARTITIONS),
+        seq: 1,
+        channel: "news".into(),
+        r#type: "post.created".into(),
+        data: json!({ "text": text }).to_string(),
+        ts_ms: 1,
+        ..Event::default()
+    };
+    LogWriter::append(&*edge.log, event.partition, &[event])
+        .await
+        .expect("partition exists");
+    let live = recv(&mut client).await;
+    assert_eq!(live["data"]["text"].as_str().map(str::len), Some(2 * queue_bytes));
+
+    // A resume replays it too, instead of closing with 4008.
+    send(&mut client, json!({"type":"subscribe","channel":"news","since":0})).await;
+    assert_eq!(recv(&mut client).await["recovered"], true);
+    let replayed = recv(&mut client).await;
+    assert_eq!(replayed["position"], 1);
+    assert_eq!(replayed["data"]["text"].as_str().map(str::len), Some(2 * queue_bytes));
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_with_fewer_grants_ends_subscriptions() {
+    let edge = Edge::start().await;
+    let mut client = open(&edge.url(&format!("?token={}", token("alice", &["orders:*"])))).await;
+    assert_eq!(recv(&mut client).await["type"], "connected");
+    for channel in ["orders:eu", "news"] {
+        send(&mut client, json!({"type":"subscribe","channel":channel})).await;
+        assert_eq!(recv(&mut client).await["type"], "subscribed");
+    }
+
+    send(&mut client, json!({"type":"refresh","token":token("alice", &[])})).await;
+    assert_eq!(recv(&mut client).await["type"], "refreshed");
+    let ended = recv(&mut client).await;
+    assert_eq!(
+        ended,
+        json!({"type":"unsubscribed","channel":"orders:eu","reason":"forbidden"})
+    );
+
+    // Nothing more arrives on the revoked channel; the public one still delivers.
+    edge.publish("orders:eu", 1..=1).await;
+    edge.publish("news", 1..=1).await;
+    let next = recv(&mut client).await;
+    assert_eq!(next["channel"], "news", "{next}");
+    send(&mut client, json!({"type":"ping"})).await;
+    assert_eq!(recv(&mut client).await, json!({"type":"pong"}));
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn sockets_waiting_for_auth_are_capped() {
+    let edge = Edge::start_with(|config| config.max_unauthenticated_sockets = Some(2)).await;
+    let _waiting = [open(&edge.url("")).await, open(&edge.url("")).await];
+    let third = tokio::time::timeout(PATIENCE, connect_async(edge.url(""))).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = third.expect("answer in time") else {
+        panic!("a third socket without a token was upgraded");
+    };
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+
+    // A socket with a token in the handshake still gets in.
+    let (_client, connected) = edge.connect("alice").await;
+    assert_eq!(connected["userId"], "alice");
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn empty_query_token_falls_back_to_bearer_header() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let edge = Edge::start().await;
+    let mut request = edge.url("?token=").into_client_request().expect("valid URL");
+    let value = format!("bearer {}", token("alice", &[]));
+    request
+        .headers_mut()
+        .insert("authorization", value.parse().expect("header value"));
+    let connected = tokio::time::timeout(PATIENCE, connect_async(request)).await;
+    let mut client = connected.expect("handshake in time").expect("handshake succeeds").0;
+    let connected = recv(&mut client).await;
+    assert_eq!(connected["type"], "connected", "{connected}");
+    edge.stop().await;
+}
+
+/// Opens a raw TCP connection, upgrades it with a token in the URL and reads `connected`.
+async fn raw_socket(edge: &Edge) -> TcpStream {
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("alice", &[]),
+        edge.addr
+    );
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(PATIENCE, stream.read_u8()).await;
+        head.push(byte.expect("response in time").expect("read response"));
+        assert!(head.len() < 4096, "response head too long");
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let (opcode, payload) = read_frame(&mut stream).await;
+    assert_eq!(opcode, 1, "the connected frame is text");
+    assert!(String::from_utf8_lossy(&payload).contains("connected"));
+    stream
+}
+
+/// Reads one unmasked server frame and returns its opcode and payload.
+async fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let read = async {
+        let mut header = [0u8; 2];
+        stream.read_exact(&mut header).await?;
+        let len = match header[1] & 0x7f {
+            126 => u64::from(stream.read_u16().await?),
+            127 => stream.read_u64().await?,
+            len => u64::from(len),
+        };
+        let mut payload = vec![0; len as usize];
+        stream.read_exact(&mut payload).await?;
+        Ok::<_, std::io::Error>((header[0] & 0x0f, payload))
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("a frame in time")
+        .expect("the server sent a frame before closing")
+}
+
+/// Returns a masked client frame with the mask 0 (which leaves the payload as it is).
+fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![first_byte];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len => {
+            frame.push(0x80 | 126);
+            frame.extend((len as u16).to_be_bytes());
+        }
+    }
+    frame.extend([0, 0, 0, 0]);
+    frame.extend(payload);
+    frame
+}
+
+#[tokio::test]
+async fn protocol_errors_get_a_close_frame() {
+    let edge = Edge::start().await;
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("invalid UTF-8 in a text frame", masked_frame(0x81, &[0xc3, 0x28]), 1007),
+        ("unmasked client frame", vec![0x81, 0x02, b'h', b'i'], 1002),
+        ("continuation without a first frame", masked_frame(0x80, b"x"), 1002),
+        ("reserved opcode 3", masked_frame(0x83, b""), 1002),
+        ("ping longer than 125 bytes", masked_frame(0x89, &[0; 200]), 1002),
+    ];
+    for (case, bytes, expected) in cases {
+        let mut stream = raw_socket(&edge).await;
+        stream.write_all(&bytes).await.expect("write frame");
+        let (opcode, payload) = read_frame(&mut stream).await;
+        assert_eq!(opcode, 8, "{case}: expected a close frame");
+        let code = payload.get(..2).map(|code| u16::from_be_bytes([code[0], code[1]]));
+        assert_eq!(code, Some(expected), "{case}");
+    }
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn unfinished_request_headers_time_out() {
+    let edge = Edge::start().await;
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write a partial request");
+    let patience = ws_edge::http::HEADER_READ_TIMEOUT + Duration::from_secs(5);
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(patience, stream.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection is still open after {patience:?}");
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
     edge.stop().await;
 }
