@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use notify_proto::memory::MemoryLog;
+use notify_proto::metrics::MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,8 @@ const DEFAULT_DATA_DIR: &str = "./data";
 const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:50051";
 /// Default HTTP and WebSocket address.
 const DEFAULT_EDGE_LISTEN: &str = "127.0.0.1:8080";
+/// Default address of `/metrics`, with both services' metrics: loopback, like the others.
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9090";
 /// Lifetime of the development token printed at start, in seconds.
 const DEV_TOKEN_TTL_SECS: u64 = 24 * 3600;
 
@@ -67,9 +70,13 @@ struct ServeArgs {
     #[arg(long, env = "EDGE_LISTEN", default_value = DEFAULT_EDGE_LISTEN)]
     edge_listen: SocketAddr,
 
+    /// Address of the listener that serves both services' Prometheus metrics at `/metrics`.
+    #[arg(long, env = "EDGE_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    metrics_listen: SocketAddr,
+
     /// HS256 secret for client tokens. Without it, a development secret is generated once per
     /// data directory and kept in `<data-dir>/dev-secret`.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = notify_proto::settings::parse_non_empty)]
     jwt_secret: Option<String>,
 
     /// Allow a non-loopback listen address while the development secret is in use.
@@ -83,16 +90,18 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    notify_proto::telemetry::init();
-    match cli.command.unwrap_or(Command::Serve) {
+    let cli = Cli::try_parse()
+        .map_err(|err| notify_proto::settings::name_variable(err, &Cli::command()))
+        .unwrap_or_else(|err| err.exit());
+    // Logs go to stderr, so that stdout carries only the start banner and command output.
+    let telemetry = notify_proto::telemetry::init_to("notify-standalone", notify_proto::telemetry::LogOutput::Stderr);
+    let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.serve).await,
         Command::Publish(args) => notifier::cli::publish(args).await,
-        Command::Token(args) => {
-            println!("{}", notifier::cli::token(args)?);
-            Ok(())
-        }
-    }
+        Command::Token(args) => notifier::cli::token(args).map(|token| println!("{token}")),
+    };
+    telemetry.shutdown();
+    result
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -110,6 +119,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log = Arc::new(MemoryLog::new(args.notifier.partitions, args.notifier.stream_max_len));
     let grpc = bind(args.grpc_listen, "--listen").await?;
     let http = bind(args.edge_listen, "--edge-listen").await?;
+    let metrics = bind(args.metrics_listen, "--metrics-listen").await?;
     let edge_config = edge_config(&args, secret.value(), grpc.local_addr()?, http.local_addr()?)?;
     print_banner(&args, &secret, grpc.local_addr()?, http.local_addr()?)?;
 
@@ -120,15 +130,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         notify_proto::shutdown::signal().await;
         signal_stop.cancel();
     });
+    // One registry holds both services' metrics (`notify_notifier_*` and `notify_edge_*`), and
+    // the edge's metrics listener serves it.
+    let registry = MetricsRegistry::new();
     let notifier_run = notifier::serve(
         &args.notifier,
         store.clone(),
         log.clone(),
+        &registry,
         grpc,
         None,
         stop.clone().cancelled_owned(),
     );
-    let edge_run = ws_edge::serve(&edge_config, log, Arc::new(store), http, stop.clone().cancelled_owned());
+    let edge_run = ws_edge::serve(
+        &edge_config,
+        log,
+        Arc::new(store),
+        &registry,
+        http,
+        Some(metrics),
+        stop.clone().cancelled_owned(),
+    );
     let (notifier_result, edge_result) = tokio::join!(notifier_run, edge_run);
     notifier_result.context("notifier")?;
     edge_result.context("edge")
@@ -164,6 +186,7 @@ fn edge_config(args: &ServeArgs, secret: &str, grpc: SocketAddr, http: SocketAdd
         "--stream-partitions",
         &partitions,
     ])
+    .map_err(|err| notify_proto::settings::name_variable(err, &EdgeCommand::command()))
     .context("read the edge settings from the environment")?;
     let mut config = command.config;
     config.demo_publish_command = publish_command(grpc);

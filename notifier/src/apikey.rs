@@ -67,6 +67,12 @@ impl Caller {
         }
     }
 
+    /// Returns the scope of the caller's idempotency keys: the hex hash of its API key, or an
+    /// empty string, one scope shared by every caller, when keys are off.
+    pub fn idempotency_scope(&self) -> String {
+        self.key_hash().map(hex).unwrap_or_default()
+    }
+
     /// Checks that the caller may publish to `channel`.
     ///
     /// # Errors
@@ -273,6 +279,15 @@ mod tests {
 
         let unlimited = keys().authenticate(&metadata(Some("all-channels"))).expect("known key");
         assert!(unlimited.may_publish("news").is_ok());
+    }
+
+    #[test]
+    fn idempotency_scope_is_per_key() {
+        let orders = keys().authenticate(&metadata(Some("orders-only"))).expect("known key");
+        let all = keys().authenticate(&metadata(Some("all-channels"))).expect("known key");
+        assert_eq!(orders.idempotency_scope(), hex(&hash_key("orders-only")));
+        assert_ne!(orders.idempotency_scope(), all.idempotency_scope());
+        assert_eq!(Caller::Open.idempotency_scope(), "");
     }
 
     #[test]

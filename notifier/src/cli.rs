@@ -118,7 +118,7 @@ pub struct TokenArgs {
     #[arg(long = "channel")]
     pub channels: Vec<String>,
     /// HS256 secret shared with the edge.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = notify_proto::settings::parse_non_empty)]
     pub secret: String,
 }
 

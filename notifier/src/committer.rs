@@ -1,24 +1,41 @@
-//! One committer task per partition. It takes the waiting publish requests as one batch,
-//! commits them in one transaction, replies to each request, then appends the new events to the
-//! partition's stream with one call. Because one task per partition commits and then appends in
-//! order, this process never appends a partition out of order. The work runs in the task, so a
-//! caller that goes away after the commit still gets its event appended.
+//! One committer task and one appender task per partition. The committer takes the waiting
+//! publish requests as one batch, commits them in one transaction, replies to each request, and
+//! hands the new events to the appender, which appends each batch to the partition's stream with
+//! one call. The committer never waits for the stream, so a slow or frozen Redis does not delay
+//! acknowledgements. Because one appender per partition appends the batches in commit order,
+//! this process never appends a partition out of order. The work runs in the tasks, so a caller
+//! that goes away after the commit still gets its event appended.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use notify_proto::log::LogWriter;
 use notify_proto::pb::{Event, PublishResponse};
+use notify_proto::telemetry::throttle::{self, LogThrottle};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
+use crate::metrics::{Metrics, operation};
 use crate::relay::Lanes;
+use crate::spans;
 use crate::store::{NewEvent, Outcome, Store};
 
 /// Maximum number of requests committed in one transaction.
 pub const MAX_BATCH: usize = 256;
+
+/// Committed batches waiting for their partition's appender. When the queue is full, because
+/// the stream is slow, the committer hands the partition to the relay, which appends from the
+/// store, and never waits. Each waiting batch holds at most [`MAX_BATCH`] events.
+pub const APPEND_QUEUE: usize = 2;
+
+/// One warning per interval while commits fail, such as while the store is down.
+static COMMIT_FAILED_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
+/// One warning per interval while appends fail, such as while Redis is down.
+static APPEND_FAILED_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
+/// One line per interval while the appenders fall behind, such as while Redis is slow.
+static APPEND_QUEUE_FULL_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
 
 /// A publish request waiting in a partition's queue.
 struct Request {
@@ -26,6 +43,8 @@ struct Request {
     /// Receives the response. Dropped without a response only when the committer is aborted at
     /// the end of the shutdown grace period, which the caller sees as [`Error::ShuttingDown`].
     reply: oneshot::Sender<Result<PublishResponse, Error>>,
+    /// The call's `publish` span while spans are exported, otherwise a disabled span.
+    span: tracing::Span,
 }
 
 /// Hands publish requests to the partitions' committers.
@@ -48,11 +67,51 @@ impl Publisher {
     pub async fn publish(&self, partition: u32, event: NewEvent) -> Result<PublishResponse, Error> {
         let queue = self.queues.get(partition as usize).ok_or(Error::ShuttingDown)?;
         let (reply, response) = oneshot::channel();
-        queue.try_send(Request { event, reply }).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => Error::QueueFull { partition },
-            mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
-        })?;
+        let span = spans::for_committer();
+        queue
+            .try_send(Request { event, reply, span })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => Error::QueueFull { partition },
+                mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
+            })?;
         response.await.map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+/// Read-only view of the publish queues' depth, for the metrics. It does not keep the queues
+/// open: once every [`Publisher`] is gone, the queues count as empty.
+#[derive(Debug)]
+pub struct QueueWatch {
+    queues: Vec<mpsc::WeakSender<Request>>,
+    capacity: usize,
+}
+
+impl QueueWatch {
+    /// Returns the number of requests waiting in each partition's queue.
+    pub fn depths(&self) -> Vec<usize> {
+        self.queues
+            .iter()
+            .map(|queue| {
+                queue
+                    .upgrade()
+                    .map_or(0, |queue| queue.max_capacity() - queue.capacity())
+            })
+            .collect()
+    }
+
+    /// Returns the capacity of each partition's queue.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl Publisher {
+    /// Returns a view of the queues' depth that does not keep them open.
+    pub fn watch(&self) -> QueueWatch {
+        QueueWatch {
+            queues: self.queues.iter().map(mpsc::Sender::downgrade).collect(),
+            capacity: self.queues.first().map_or(0, mpsc::Sender::max_capacity),
+        }
     }
 }
 
@@ -68,6 +127,8 @@ pub struct Committers {
     pub publish_queue: usize,
     /// How long idempotency keys are remembered.
     pub idempotency_window: Duration,
+    /// Counters of failed commits and appends.
+    pub metrics: Metrics,
 }
 
 impl Committers {
@@ -77,15 +138,25 @@ impl Committers {
         let queues = (0..self.store.partitions())
             .map(|partition| {
                 let (queue_tx, queue_rx) = mpsc::channel(self.publish_queue.max(1));
+                let (appends_tx, appends_rx) = mpsc::channel(APPEND_QUEUE);
                 let committer = Committer {
                     partition,
                     queue: queue_rx,
                     store: self.store.clone(),
-                    log: Arc::clone(&self.log),
+                    appends: appends_tx,
                     lanes: Arc::clone(&self.lanes),
                     idempotency_window: self.idempotency_window,
+                    metrics: self.metrics.clone(),
+                };
+                let appender = Appender {
+                    partition,
+                    batches: appends_rx,
+                    log: Arc::clone(&self.log),
+                    lanes: Arc::clone(&self.lanes),
+                    metrics: self.metrics.clone(),
                 };
                 tracker.spawn(committer.run(abort.clone()));
+                tracker.spawn(appender.run(abort.clone()));
                 queue_tx
             })
             .collect();
@@ -97,16 +168,49 @@ struct Committer {
     partition: u32,
     queue: mpsc::Receiver<Request>,
     store: Store,
-    log: Arc<dyn LogWriter>,
+    /// The partition's appender. Dropping it, when the committer stops, lets the appender
+    /// append what is queued and stop.
+    appends: mpsc::Sender<Vec<Event>>,
     lanes: Arc<Lanes>,
     idempotency_window: Duration,
+    metrics: Metrics,
 }
 
 impl Committer {
     async fn run(mut self, abort: CancellationToken) {
         while let Some(batch) = self.next_batch(&abort).await {
+            let parents = batch.iter().map(|request| &request.span);
+            let commit_spans = spans::commit(parents, self.partition, batch.len());
             let events = self.commit(batch).await;
-            self.append(&events).await;
+            drop(commit_spans);
+            self.hand_over(events);
+        }
+    }
+
+    /// Queues committed events for the appender unless the relay owns the partition. When the
+    /// appender's queue is full, the partition goes to the relay, which appends these events from
+    /// the store, so that the next commit does not wait for the stream.
+    fn hand_over(&self, events: Vec<Event>) {
+        let Some(newest) = events.last() else {
+            return;
+        };
+        if !self.lanes.committed(self.partition, newest.seq) {
+            return;
+        }
+        match self.appends.try_send(events) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if let Some(suppressed) = APPEND_QUEUE_FULL_LOG.allow() {
+                    tracing::info!(
+                        partition = self.partition,
+                        suppressed,
+                        "append queue full; the relay takes over"
+                    );
+                }
+                self.lanes.append_failed(self.partition);
+            }
+            // The appender stopped on abort; the relay's last sweep appends what it can.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.lanes.append_failed(self.partition),
         }
     }
 
@@ -144,7 +248,10 @@ impl Committer {
                 committed.events
             }
             Err(err) => {
-                tracing::warn!(partition = self.partition, batch = events.len(), error = %err, "commit failed");
+                if let Some(suppressed) = COMMIT_FAILED_LOG.allow() {
+                    tracing::warn!(partition = self.partition, batch = events.len(), suppressed, error = %err, "commit failed");
+                }
+                self.metrics.store_error(operation::COMMIT);
                 for reply in replies {
                     let _ = reply.send(Err(Error::StoreUnavailable));
                 }
@@ -152,14 +259,40 @@ impl Committer {
             }
         }
     }
+}
 
-    /// Appends committed events unless the relay owns the partition. On failure the partition
-    /// goes to the relay, which appends these events from the store.
+/// Appends one partition's committed batches in commit order.
+struct Appender {
+    partition: u32,
+    /// Batches from the committer; capacity [`APPEND_QUEUE`].
+    batches: mpsc::Receiver<Vec<Event>>,
+    log: Arc<dyn LogWriter>,
+    lanes: Arc<Lanes>,
+    metrics: Metrics,
+}
+
+impl Appender {
+    /// Appends batches until the committer stops and the queue is empty, or until `abort`.
+    async fn run(mut self, abort: CancellationToken) {
+        loop {
+            let events = tokio::select! {
+                events = self.batches.recv() => match events {
+                    Some(events) => events,
+                    None => return,
+                },
+                () = abort.cancelled() => return,
+            };
+            let append_spans = spans::append(&events, self.partition);
+            self.append(&events).await;
+            drop(append_spans);
+        }
+    }
+
+    /// Appends committed events unless the relay took the partition over after they were
+    /// queued; the relay then appends them from the store. On failure the partition goes to the
+    /// relay.
     async fn append(&self, events: &[Event]) {
-        let Some(newest) = events.last() else {
-            return;
-        };
-        if !self.lanes.committed(self.partition, newest.seq) {
+        if self.lanes.relay_owns(self.partition) {
             return;
         }
         match self.log.append(self.partition, events).await {
@@ -170,7 +303,10 @@ impl Committer {
             ),
             Ok(_) => {}
             Err(err) => {
-                tracing::warn!(partition = self.partition, error = %err, "append failed; the relay takes over");
+                if let Some(suppressed) = APPEND_FAILED_LOG.allow() {
+                    tracing::warn!(partition = self.partition, suppressed, error = %err, "append failed; the relay takes over");
+                }
+                self.metrics.stream_error(operation::APPEND);
                 self.lanes.append_failed(self.partition);
             }
         }

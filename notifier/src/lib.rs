@@ -12,13 +12,15 @@
 //! - [`error`]: the errors a call can end with, mapped to gRPC status codes in one place.
 //! - [`validate`]: checks of a publish request and its trace context.
 //! - [`store`]: the store of record on PostgreSQL or SQLite.
-//! - [`committer`]: one task per partition that commits batches, then appends them.
+//! - [`committer`]: per partition, one task that commits batches and one that appends them.
 //! - [`relay`]: catches the stream up from the store after failed appends and crashes.
 //! - [`stream`]: the Redis stream writer.
 //! - [`retention`]: deletes expired events and idempotency keys.
 //! - [`service`]: the `notify.v1.Notifier` gRPC service.
-//! - [`http`]: `/healthz` and `/readyz`.
-//! - [`limits`]: the per-caller publish rate limit and the counters of rejected publishes.
+//! - [`spans`]: the trace spans of a publish call.
+//! - [`http`]: `/healthz`, `/readyz` and `/metrics`.
+//! - [`limits`]: the per-caller publish rate limit.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`cli`]: the `publish`, `token` and `hash-key` developer commands.
 
 pub mod apikey;
@@ -28,9 +30,11 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod relay;
 pub mod retention;
 pub mod service;
+pub mod spans;
 pub mod store;
 pub mod stream;
 pub mod validate;
@@ -39,6 +43,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use notify_proto::log::LogWriter;
+use notify_proto::metrics::MetricsRegistry;
 use notify_proto::pb::notifier_server::NotifierServer;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -53,6 +58,7 @@ use crate::apikey::ApiKeys;
 use crate::committer::{Committers, Publisher};
 pub use crate::config::Config;
 use crate::limits::PublishLimiter;
+use crate::metrics::Metrics;
 use crate::relay::{Lanes, Relay};
 use crate::service::NotifierService;
 use crate::store::Store;
@@ -64,8 +70,9 @@ const MIN_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
 /// 255 + 64 + 255 + 255 bytes, plus protobuf framing.
 const REQUEST_OVERHEAD: usize = 16 * 1024;
 
-/// Serves the gRPC API on `grpc`, and `/healthz` and `/readyz` on `http` if given, until
-/// `shutdown` resolves, then drains within `config.shutdown_grace`.
+/// Serves the gRPC API on `grpc`, and `/healthz`, `/readyz` and `/metrics` on `http` if given,
+/// until `shutdown` resolves, then drains within `config.shutdown_grace`. The notifier's metrics
+/// are registered in `registry`, which `/metrics` encodes whole.
 ///
 /// Logs `listening` with `service` and `addr` fields once per listener. On shutdown it reports
 /// NOT_SERVING to gRPC health checks and 503 on `/readyz`, stops accepting connections, lets
@@ -79,6 +86,7 @@ pub async fn serve(
     config: &Config,
     store: Store,
     log: Arc<dyn LogWriter>,
+    registry: &MetricsRegistry,
     grpc: TcpListener,
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -90,6 +98,8 @@ pub async fn serve(
         config.partitions
     );
 
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "notifier starting");
+
     // Read the API keys first, so that a bad entry stops the start before anything runs.
     let api_keys = ApiKeys::parse(&config.publisher_keys, &config.edge_keys)?;
     if !api_keys.is_enabled() {
@@ -99,14 +109,18 @@ pub async fn serve(
     }
 
     // Start the committers, the relay and the retention sweeper.
-    let (workers, publisher) = Workers::start(config, &store, log);
+    let metrics = Metrics::register(registry);
+    let (workers, publisher) = Workers::start(config, &store, log, &metrics);
+    metrics.watch_queues(publisher.watch());
 
     // Serve the probes, then the gRPC API until shutdown, then let its calls finish.
     let draining = CancellationToken::new();
     let http_stop = CancellationToken::new();
-    let http_task = spawn_http(http, &store, &draining, &http_stop)?;
+    let http_task = spawn_http(http, &store, registry, &draining, &http_stop)?;
     let limiter = PublishLimiter::new(config.publish_rate, config.publish_burst, config.publish_rate_keys);
-    let service = NotifierService::new(publisher, store, config.max_payload_bytes, limiter).with_api_keys(api_keys);
+    let service = NotifierService::new(publisher, store, config.max_payload_bytes, limiter)
+        .with_api_keys(api_keys)
+        .with_metrics(metrics);
     let served = serve_grpc(config, service, grpc, &draining, shutdown).await;
     let deadline = match &served {
         Ok(deadline) => *deadline,
@@ -115,6 +129,7 @@ pub async fn serve(
 
     // Drain the queues and the relay, then close the probes.
     workers.drain(deadline).await;
+    tracing::info!("drained");
     http_stop.cancel();
     if let Some(task) = http_task {
         let _ = tokio::time::timeout_at(deadline, task).await;
@@ -126,6 +141,7 @@ pub async fn serve(
 fn spawn_http(
     listener: Option<TcpListener>,
     store: &Store,
+    registry: &MetricsRegistry,
     draining: &CancellationToken,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
@@ -137,7 +153,12 @@ fn spawn_http(
         store: store.clone(),
         draining: draining.clone(),
     };
-    let task = tokio::spawn(http::run(listener, readiness, stop.clone().cancelled_owned()));
+    let task = tokio::spawn(http::run(
+        listener,
+        readiness,
+        registry.clone(),
+        stop.clone().cancelled_owned(),
+    ));
     tracing::info!(service = "http", addr = %addr, "listening");
     Ok(Some(task))
 }
@@ -245,7 +266,7 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(config: &Config, store: &Store, log: Arc<dyn LogWriter>) -> (Workers, Publisher) {
+    fn start(config: &Config, store: &Store, log: Arc<dyn LogWriter>, metrics: &Metrics) -> (Workers, Publisher) {
         let workers = Workers {
             committers: TaskTracker::new(),
             abort: CancellationToken::new(),
@@ -259,14 +280,16 @@ impl Workers {
             lanes: Arc::clone(&lanes),
             publish_queue: config.publish_queue,
             idempotency_window: config.idempotency_window,
+            metrics: metrics.clone(),
         };
         let publisher = committers.spawn(&workers.committers, &workers.abort);
-        let relay = Relay::new(store.clone(), log, lanes, config.stream_max_len);
+        let relay = Relay::new(store.clone(), log, lanes, config.stream_max_len).with_metrics(metrics.clone());
         workers.background.spawn(relay.run(workers.stop_background.clone()));
         workers.background.spawn(retention::run(
             store.clone(),
             config.store_retention,
             config.idempotency_window,
+            metrics.clone(),
             workers.stop_background.clone(),
         ));
         (workers, publisher)

@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use notifier::cli::{HashKeyArgs, PublishArgs, TokenArgs};
 use notifier::config::{MigrateArgs, ServeArgs};
 use notifier::store::Store;
 use notifier::stream::RedisLog;
+use notify_proto::metrics::MetricsRegistry;
+use notify_proto::settings::name_variable;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -53,12 +55,15 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::try_parse().unwrap_or_else(|err| exit_on_parse_error(&err));
-    notify_proto::telemetry::init();
-    match cli.command {
+    let cli = Cli::try_parse()
+        .map_err(|err| name_variable(err, &Cli::command()))
+        .unwrap_or_else(|err| exit_on_parse_error(&err));
+    let telemetry = notify_proto::telemetry::init("notifier");
+    let result = match cli.command {
         None => {
             let args = cli.serve.unwrap_or_else(|| {
                 ServeOnly::try_parse()
+                    .map_err(|err| name_variable(err, &ServeOnly::command()))
                     .unwrap_or_else(|err| exit_on_parse_error(&err))
                     .args
             });
@@ -67,15 +72,11 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::Publish(args)) => notifier::cli::publish(args).await,
-        Some(Command::Token(args)) => {
-            println!("{}", notifier::cli::token(args)?);
-            Ok(())
-        }
-        Some(Command::HashKey(args)) => {
-            println!("{}", notifier::cli::hash_key(args)?);
-            Ok(())
-        }
-    }
+        Some(Command::Token(args)) => notifier::cli::token(args).map(|token| println!("{token}")),
+        Some(Command::HashKey(args)) => notifier::cli::hash_key(args).map(|hash| println!("{hash}")),
+    };
+    telemetry.shutdown();
+    result
 }
 
 /// Prints clap's message and exits. A missing setting also gets a hint that every flag has an
@@ -99,7 +100,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind the HTTP listener to {} (NOTIFIER_HTTP_LISTEN)", args.http_listen))?;
     let shutdown = notify_proto::shutdown::signal();
-    notifier::serve(&args.config, store, Arc::new(log), grpc, Some(http), shutdown).await
+    let registry = MetricsRegistry::new();
+    notifier::serve(
+        &args.config,
+        store,
+        Arc::new(log),
+        &registry,
+        grpc,
+        Some(http),
+        shutdown,
+    )
+    .await
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {

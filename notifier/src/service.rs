@@ -3,18 +3,22 @@
 use std::sync::Arc;
 
 use notify_proto::channel::{partition_of, validate_channel};
-use notify_proto::history::{HistoryStore, MAX_PAGE};
+use notify_proto::history::{HistoryError, HistoryStore, MAX_PAGE};
 use notify_proto::pb::notifier_server::Notifier;
 use notify_proto::pb::{
     HeadsRequest, HeadsResponse, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
     ReadPartitionRequest, ReadPartitionResponse,
 };
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::apikey::{ApiKeys, Caller};
 use crate::committer::Publisher;
 use crate::error::Error;
-use crate::limits::{self, Counters, PublishLimiter};
+use crate::limits::{self, PublishLimiter};
+use crate::metrics::{self, Metrics};
+use crate::spans;
 use crate::store::Store;
 use crate::validate;
 
@@ -29,7 +33,7 @@ pub struct NotifierService {
     store: Store,
     max_payload_bytes: usize,
     limiter: PublishLimiter,
-    counters: Arc<Counters>,
+    metrics: Metrics,
     keys: Arc<ApiKeys>,
 }
 
@@ -42,9 +46,16 @@ impl NotifierService {
             store,
             max_payload_bytes,
             limiter,
-            counters: Arc::default(),
+            metrics: Metrics::default(),
             keys: Arc::default(),
         }
+    }
+
+    /// Records the calls in `metrics`; without this call they go to metrics no registry reads.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Requires the callers to present one of `keys`; without this call, or with no keys
@@ -63,9 +74,12 @@ impl NotifierService {
         })
     }
 
-    /// Returns the counters of rejected publishes.
-    pub fn counters(&self) -> Arc<Counters> {
-        Arc::clone(&self.counters)
+    /// Counts the failures that reached the store; a request for a partition that does not
+    /// exist is not one.
+    fn count_store_error(&self, err: &HistoryError, operation: &'static str) {
+        if matches!(err, HistoryError::Unavailable(_)) {
+            self.metrics.store_error(operation);
+        }
     }
 
     /// Checks the caller's rate, validates the request and waits for its commit.
@@ -76,24 +90,60 @@ impl NotifierService {
     ) -> Result<PublishResponse, Error> {
         self.limiter.check(&limits::rate_key(&request, caller.key_hash()))?;
         let trace = validate::trace_context(request.metadata());
-        let event = validate::publish_request(request.into_inner(), trace, self.max_payload_bytes)?;
+        let span = spans::publish(&request.get_ref().channel, &trace);
+        let published = self
+            .publish_traced(request, trace, caller.idempotency_scope(), &span)
+            .instrument(span.clone())
+            .await;
+        spans::record_outcome(&span, &published);
+        published
+    }
+
+    /// Validates the request and waits for its commit, inside its `publish` span. The request's
+    /// idempotency key belongs to `idempotency_scope`, the caller's.
+    async fn publish_traced(
+        &self,
+        request: Request<PublishRequest>,
+        trace: validate::TraceContext,
+        idempotency_scope: String,
+        span: &tracing::Span,
+    ) -> Result<PublishResponse, Error> {
+        let event = spans::validate()
+            .in_scope(|| validate::publish_request(request.into_inner(), trace, self.max_payload_bytes))?;
+        let mut event = spans::stamp(event, span);
+        event.idempotency_scope = idempotency_scope;
         let partition = partition_of(&event.channel, self.store.partitions());
-        self.publisher.publish(partition, event).await
+        span.record("event.partition", i64::from(partition));
+        let response = self.publisher.publish(partition, event).await?;
+        tracing::debug!(
+            event.id = %response.id,
+            event.position = response.position,
+            duplicate = response.duplicate,
+            "event published"
+        );
+        Ok(response)
     }
 }
 
 #[tonic::async_trait]
 impl Notifier for NotifierService {
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
-        let caller = self.authenticate(&request, "Publish")?;
-        caller.may_publish(&request.get_ref().channel)?;
-        match self.publish_checked(request, &caller).await {
-            Ok(response) => Ok(Response::new(response)),
-            Err(err) => {
-                self.counters.record(&err);
-                Err(err.into())
-            }
-        }
+        let received = Instant::now();
+        let authorized = self
+            .authenticate(&request, "Publish")
+            .and_then(|caller| caller.may_publish(&request.get_ref().channel).map(|()| caller));
+        let caller = authorized.inspect_err(|status| {
+            let result = metrics::status_result(status.code());
+            self.metrics.record_publish(result, received.elapsed());
+        })?;
+        let published = self.publish_checked(request, &caller).await;
+        let result = match &published {
+            Ok(response) if response.duplicate => metrics::publish_result::DUPLICATE,
+            Ok(_) => metrics::publish_result::OK,
+            Err(err) => metrics::error_result(err),
+        };
+        self.metrics.record_publish(result, received.elapsed());
+        published.map(Response::new).map_err(Status::from)
     }
 
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
@@ -101,16 +151,20 @@ impl Notifier for NotifierService {
         caller.may_read_channel(&request.get_ref().channel)?;
         let request = request.into_inner();
         validate_channel(&request.channel).map_err(|err| Error::InvalidArgument(format!("channel {err}")))?;
+        let since = validate::position("since", request.since)?;
         let limit = match request.limit {
             0 => DEFAULT_HISTORY_LIMIT,
             limit => limit.min(MAX_PAGE),
         };
         let page = self
             .store
-            .history(&request.channel, request.since, limit)
+            .history(&request.channel, since, limit)
             .await
             .map_err(|err| {
-                tracing::warn!(error = %err, "history read failed");
+                if let Some(suppressed) = crate::error::HISTORY_FAILED_LOG.allow() {
+                    tracing::warn!(suppressed, error = %err, "history read failed");
+                }
+                self.metrics.store_error(metrics::operation::HISTORY);
                 Error::StoreUnavailable
             })?;
         Ok(Response::new(page))
@@ -122,15 +176,20 @@ impl Notifier for NotifierService {
     ) -> Result<Response<ReadPartitionResponse>, Status> {
         self.authenticate(&request, "ReadPartition")?.may_read_partitions()?;
         let request = request.into_inner();
-        let page = HistoryStore::read_partition(&self.store, request.partition, request.after, request.limit)
+        let after = validate::position("after", request.after)?;
+        let page = HistoryStore::read_partition(&self.store, request.partition, after, request.limit)
             .await
+            .inspect_err(|err| self.count_store_error(err, metrics::operation::READ_PARTITION))
             .map_err(Error::from)?;
         Ok(Response::new(page))
     }
 
     async fn heads(&self, request: Request<HeadsRequest>) -> Result<Response<HeadsResponse>, Status> {
         self.authenticate(&request, "Heads")?.may_read_partitions()?;
-        let heads = HistoryStore::heads(&self.store).await.map_err(Error::from)?;
+        let heads = HistoryStore::heads(&self.store)
+            .await
+            .inspect_err(|err| self.count_store_error(err, metrics::operation::HEADS))
+            .map_err(Error::from)?;
         Ok(Response::new(HeadsResponse { heads }))
     }
 }

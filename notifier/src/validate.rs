@@ -49,6 +49,8 @@ pub fn publish_request(
         data: request.data,
         user_id: request.user_id,
         idempotency_key: Some(request.idempotency_key).filter(|key| !key.is_empty()),
+        // The service sets the caller's scope; validation does not know the caller.
+        idempotency_scope: String::new(),
         traceparent: trace.traceparent,
         tracestate: trace.tracestate,
     })
@@ -83,6 +85,25 @@ fn check_data(data: &str, max_payload_bytes: usize) -> Result<(), Error> {
             "data is not valid JSON ({err}); send a JSON text, for example {{\"id\":42}}"
         ))),
     }
+}
+
+/// Largest position a store can hold: sequence numbers are stored as signed 64-bit integers.
+pub const MAX_POSITION: u64 = i64::MAX as u64;
+
+/// Checks a position a caller sent (`History.since`, `ReadPartition.after`). A value above
+/// [`MAX_POSITION`] can never be reached, so it is rejected instead of being read as "nothing
+/// newer".
+///
+/// # Errors
+/// Returns [`Error::InvalidArgument`] naming the field and the value.
+pub fn position(field: &str, value: u64) -> Result<u64, Error> {
+    if value > MAX_POSITION {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {value} is above the largest position a store can hold ({MAX_POSITION}); send the \
+             position of the last event you received, or 0 for the oldest retained event"
+        )));
+    }
+    Ok(value)
 }
 
 /// Checks an optional free-text field: at most `max` bytes and no control characters, which
@@ -283,6 +304,17 @@ mod tests {
             rejection(req),
             "idempotency_key contains the control character '\\0' at byte 1; use printable characters only"
         );
+    }
+
+    #[test]
+    fn positions_above_store_range_are_rejected() {
+        assert_eq!(position("since", 0).ok(), Some(0));
+        assert_eq!(position("since", MAX_POSITION).ok(), Some(MAX_POSITION));
+        let Err(Error::InvalidArgument(message)) = position("since", u64::MAX) else {
+            panic!("u64::MAX was accepted as a position");
+        };
+        assert!(message.starts_with("since 18446744073709551615 is above"), "{message}");
+        assert!(position("after", MAX_POSITION + 1).is_err());
     }
 
     #[test]

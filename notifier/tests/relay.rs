@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{FlakyLog, TestSqlite, channels_in, new_event};
 use notifier::committer::{Committers, Publisher};
+use notifier::metrics::Metrics;
 use notifier::relay::{Lanes, Relay};
 use notifier::store::Store;
 use notify_proto::log::{LogReader, LogWriter};
@@ -40,6 +41,7 @@ impl Pipeline {
             lanes: Arc::clone(&lanes),
             publish_queue: 64,
             idempotency_window: WINDOW,
+            metrics: Metrics::default(),
         };
         let publisher = committers.spawn(&tracker, &stop);
         let relay = Relay::new(store.clone(), log, lanes, stream_max_len);
@@ -123,6 +125,44 @@ async fn events_committed_during_outage_are_relayed_in_order() {
 }
 
 #[tokio::test]
+async fn acknowledgements_do_not_wait_for_a_hung_stream() {
+    let db = TestSqlite::create();
+    let store = Store::open(&db.url, PARTITIONS).await.expect("open");
+    let flaky = FlakyLog::new(MemoryLog::new(PARTITIONS, 1000), false);
+    let pipeline = Pipeline::start(&store, flaky.clone(), 1000);
+    let channel = channels_in(0, PARTITIONS, 1)[0].clone();
+    let first = pipeline
+        .publisher
+        .publish(0, new_event(&channel, "0", None))
+        .await
+        .expect("publish");
+    wait_for_seq(&flaky.inner, 0, first.position).await;
+
+    // Every append now hangs, as against a Redis stopped with SIGSTOP. The committer used to
+    // wait for its append before the next commit, so the second publish waited for the hang.
+    flaky.set_hanging(true);
+    let mut positions = Vec::new();
+    let published = tokio::time::timeout(PATIENCE, async {
+        for i in 1..=40 {
+            let event = new_event(&channel, &i.to_string(), None);
+            positions.push(pipeline.publisher.publish(0, event).await.expect("publish").position);
+        }
+    })
+    .await;
+    assert!(
+        published.is_ok(),
+        "{} of 40 publishes were acknowledged while appends hung",
+        positions.len()
+    );
+    assert_eq!(positions, (2..=41).collect::<Vec<u64>>());
+
+    // Once the stream responds, every acknowledged event reaches it in order.
+    flaky.set_hanging(false);
+    wait_for_seq(&flaky.inner, 0, 41).await;
+    assert_eq!(stream_events(&flaky.inner, 0).await, stored_events(&store, 0).await);
+}
+
+#[tokio::test]
 async fn commits_without_append_are_repaired_at_start() {
     // Events committed by a process that died before appending them.
     let db = TestSqlite::create();
@@ -165,6 +205,7 @@ async fn full_queue_fails_fast() {
         lanes,
         publish_queue: 1,
         idempotency_window: WINDOW,
+        metrics: Metrics::default(),
     }
     .spawn(&tracker, &abort);
 

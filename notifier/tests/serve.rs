@@ -52,7 +52,7 @@ async fn start(config: Config) -> Running {
         let shutdown = async {
             let _ = stopped.await;
         };
-        notifier::serve(&config, store, stream, grpc, Some(http), shutdown).await
+        notifier::serve(&config, store, stream, &Default::default(), grpc, Some(http), shutdown).await
     });
     Running {
         grpc: grpc_addr,
@@ -285,6 +285,104 @@ async fn reflection_lists_the_service() {
     assert!(names.contains(&SERVICE.to_owned()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
     drop(responses);
+
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn positions_beyond_the_store_are_invalid() {
+    let running = start(Config::default()).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+    client.publish(publish_request("news", "1", "")).await.expect("publish");
+
+    let history = client
+        .history(HistoryRequest {
+            channel: "news".into(),
+            since: u64::MAX,
+            limit: 0,
+        })
+        .await
+        .expect_err("since beyond any position");
+    assert_eq!(history.code(), Code::InvalidArgument);
+    assert!(
+        history.message().starts_with("since 18446744073709551615 is above"),
+        "{}",
+        history.message()
+    );
+    let largest = client
+        .history(HistoryRequest {
+            channel: "news".into(),
+            since: i64::MAX as u64,
+            limit: 0,
+        })
+        .await
+        .expect("largest position")
+        .into_inner();
+    assert_eq!((largest.events.len(), largest.head, largest.complete), (0, 1, true));
+
+    let read = client
+        .read_partition(ReadPartitionRequest {
+            partition: 0,
+            after: u64::MAX,
+            limit: 0,
+        })
+        .await
+        .expect_err("after beyond any position");
+    assert_eq!(read.code(), Code::InvalidArgument);
+    assert!(
+        read.message().starts_with("after 18446744073709551615"),
+        "{}",
+        read.message()
+    );
+
+    stop(running).await;
+}
+
+/// Sends a publish with `authorization: Bearer <api_key>`.
+async fn publish_as(
+    client: &mut NotifierClient<Channel>,
+    api_key: &str,
+    request: PublishRequest,
+) -> Result<notify_proto::pb::PublishResponse, tonic::Status> {
+    let mut request = tonic::Request::new(request);
+    let bearer = format!("Bearer {api_key}").parse().expect("ascii");
+    request.metadata_mut().insert("authorization", bearer);
+    client.publish(request).await.map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_per_api_key() {
+    use notifier::apikey::{hash_key, hex};
+
+    let config = Config {
+        publisher_keys: vec![
+            format!("{}:orders:", hex(&hash_key("orders-key"))),
+            hex(&hash_key("news-key")),
+        ],
+        ..Config::default()
+    };
+    let running = start(config).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+
+    let orders = publish_as(&mut client, "orders-key", publish_request("orders:eu", "1", "K"))
+        .await
+        .expect("first publisher");
+    let news = publish_as(&mut client, "news-key", publish_request("news", "2", "K"))
+        .await
+        .expect("the same key text from another API key is a new event");
+    assert!(!news.duplicate);
+    assert_ne!(news.id, orders.id);
+
+    let retry = publish_as(&mut client, "orders-key", publish_request("orders:eu", "1", "K"))
+        .await
+        .expect("retry");
+    assert_eq!((retry.id.as_str(), retry.duplicate), (orders.id.as_str(), true));
+    let conflict = publish_as(&mut client, "news-key", publish_request("news", "3", "K"))
+        .await
+        .expect_err("the caller's own key reused for other content");
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert!(conflict.message().contains(&news.id), "{}", conflict.message());
+    assert!(!conflict.message().contains(&orders.id), "{}", conflict.message());
 
     stop(running).await;
 }

@@ -39,6 +39,7 @@ on_both_backends!(
     sequence_is_gap_free_across_handles,
     history_pages_through_one_channel,
     idempotency_key_returns_first_event,
+    idempotency_keys_are_scoped_per_caller,
     concurrent_key_is_stored_once,
     key_reused_on_other_channel_conflicts,
     read_partition_and_heads,
@@ -191,6 +192,59 @@ async fn idempotency_key_returns_first_event(url: &str) {
     let (later_id, later_seq, later_duplicate) = stored(&later.outcomes[0]);
     assert_ne!(later_id, first_id);
     assert_eq!((later_seq, later_duplicate), (4, false));
+}
+
+fn scoped_event(channel: &str, data: &str, scope: &str) -> notifier::store::NewEvent {
+    let mut event = new_event(channel, data, Some("shared-key"));
+    event.idempotency_scope = scope.to_owned();
+    event
+}
+
+async fn idempotency_keys_are_scoped_per_caller(url: &str) {
+    let store = open(url).await;
+    let channel = &channels_in(2, 4, 1)[0];
+    let first_a = store
+        .commit(2, &[scoped_event(channel, "1", "caller-a")], WINDOW)
+        .await
+        .expect("commit");
+    let (a_id, a_seq, a_duplicate) = stored(&first_a.outcomes[0]);
+    assert_eq!((a_seq, a_duplicate), (1, false));
+
+    // The same key text from another caller, with other content, is a new event, not a conflict.
+    let first_b = store
+        .commit(2, &[scoped_event(channel, "2", "caller-b")], WINDOW)
+        .await
+        .expect("commit");
+    let (b_id, b_seq, b_duplicate) = stored(&first_b.outcomes[0]);
+    assert_eq!((b_seq, b_duplicate), (2, false));
+    assert_ne!(b_id, a_id);
+
+    // Each caller's retry returns its own first event, also when both are in one batch.
+    let retries = [
+        scoped_event(channel, "2", "caller-b"),
+        scoped_event(channel, "1", "caller-a"),
+    ];
+    let again = store.commit(2, &retries, WINDOW).await.expect("commit");
+    assert_eq!(stored(&again.outcomes[0]), (b_id.clone(), 2, true));
+    assert_eq!(stored(&again.outcomes[1]), (a_id.clone(), 1, true));
+    assert!(again.events.is_empty());
+
+    // A conflict names only the caller's own event.
+    let changed = store
+        .commit(2, &[scoped_event(channel, "3", "caller-b")], WINDOW)
+        .await
+        .expect("commit");
+    assert_eq!(
+        changed.outcomes[0],
+        Outcome::Conflict {
+            key: "shared-key".into(),
+            first_id: b_id
+        }
+    );
+
+    // The retention sweep deletes scoped keys too.
+    let (_, keys) = store.delete_expired(0, now_ms() + 1000).await.expect("delete");
+    assert_eq!(keys, 2);
 }
 
 async fn concurrent_key_is_stored_once(url: &str) {

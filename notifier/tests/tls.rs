@@ -80,7 +80,7 @@ async fn start(authority: &Authority, client_ca: Option<&Authority>) -> Server {
         let shutdown = async {
             let _ = stopped.await;
         };
-        notifier::serve(&config, store, log, grpc, None, shutdown).await
+        notifier::serve(&config, store, log, &Default::default(), grpc, None, shutdown).await
     });
     Server {
         addr,

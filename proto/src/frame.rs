@@ -1,48 +1,58 @@
 //! The JSON frame a client receives for an event. The edge encodes it once per event and shares
 //! the bytes with every recipient.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::pb::Event;
 
+/// The frame's fields before `data`, in frame order.
 #[derive(Serialize)]
-struct EventFrame<'a> {
+struct EventHeader<'a> {
     #[serde(rename = "type")]
     event_type: &'a str,
     channel: &'a str,
     id: &'a str,
     position: u64,
-    data: &'a RawValue,
-    ts: i64,
 }
 
 /// Encodes an event as the frame clients receive:
 /// `{"type":..,"channel":..,"id":..,"position":..,"data":<payload>,"ts":..}`.
-/// The payload is copied verbatim, so its bytes reach the client unchanged.
+///
+/// The payload is copied verbatim, whitespace around the JSON value included, so its bytes reach
+/// the client unchanged and equal what `History` returns. JSON allows that whitespace between
+/// tokens, so the frame stays valid JSON.
 ///
 /// # Errors
 /// Fails when the payload is not valid JSON, which the notifier's validation rules out.
 pub fn encode_event(event: &Event) -> Result<String, serde_json::Error> {
-    let data: &RawValue = serde_json::from_str(&event.data)?;
-    serde_json::to_string(&EventFrame {
+    // Parsing into a RawValue only checks the payload. Its text is not used because serde_json
+    // leaves out the whitespace around the value.
+    serde_json::from_str::<&RawValue>(&event.data)?;
+    let header = serde_json::to_string(&EventHeader {
         event_type: &event.r#type,
         channel: &event.channel,
         id: &event.id,
         position: event.seq,
-        data,
-        ts: event.ts_ms,
-    })
+    })?;
+    // The header ends with the object's closing brace, which moves to the end of the frame.
+    let header = header.strip_suffix('}').unwrap_or(&header);
+    let mut frame = String::with_capacity(header.len() + event.data.len() + 32);
+    frame.push_str(header);
+    frame.push_str(",\"data\":");
+    frame.push_str(&event.data);
+    let _ = write!(frame, ",\"ts\":{}}}", event.ts_ms);
+    Ok(frame)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn payload_bytes_survive_encoding() {
-        let data = r#"{"title":"שלום עולם 🎉","n":1.50,"s":"\u05e9"}"#;
-        let event = Event {
+    fn event(data: &str) -> Event {
+        Event {
             id: "e1".into(),
             seq: 7,
             channel: "news".into(),
@@ -50,11 +60,51 @@ mod tests {
             data: data.into(),
             ts_ms: 1,
             ..Event::default()
-        };
-        let frame = encode_event(&event).expect("payload is valid JSON");
+        }
+    }
+
+    #[test]
+    fn payload_bytes_survive_encoding() {
+        let data = r#"{"title":"שלום עולם 🎉","n":1.50,"s":"\u05e9"}"#;
+        let frame = encode_event(&event(data)).expect("payload is valid JSON");
         assert_eq!(
             frame,
             format!(r#"{{"type":"post.created","channel":"news","id":"e1","position":7,"data":{data},"ts":1}}"#)
         );
+    }
+
+    #[test]
+    fn surrounding_whitespace_is_kept() {
+        for data in [
+            " {\"ws\" :  [1 , 2]}\n",
+            "\n\t\"שלום, עולם\"\r\n ",
+            "  {\"title\":\"מה נשמע\"}  ",
+            "\n42\n",
+        ] {
+            let frame = encode_event(&event(data)).expect("payload is valid JSON");
+            let expected =
+                format!(r#"{{"type":"post.created","channel":"news","id":"e1","position":7,"data":{data},"ts":1}}"#);
+            assert_eq!(frame, expected, "payload {data:?}");
+            let parsed: serde_json::Value = serde_json::from_str(&frame).expect("the frame is JSON");
+            let payload: serde_json::Value = serde_json::from_str(data).expect("the payload is JSON");
+            assert_eq!(parsed["data"], payload, "payload {data:?}");
+            assert_eq!(parsed["ts"], 1, "payload {data:?}");
+        }
+    }
+
+    #[test]
+    fn header_fields_are_escaped() {
+        let mut quoted = event("null");
+        quoted.id = "a\"b".into();
+        let frame = encode_event(&quoted).expect("payload is valid JSON");
+        let parsed: serde_json::Value = serde_json::from_str(&frame).expect("the frame is JSON");
+        assert_eq!(parsed["id"], "a\"b");
+        assert_eq!(parsed["data"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn invalid_payload_is_an_error() {
+        assert!(encode_event(&event("{oops")).is_err());
+        assert!(encode_event(&event("1 2")).is_err());
     }
 }

@@ -1,6 +1,10 @@
-//! Parsers for setting values that both services share, for clap's `value_parser`.
+//! Parsers for setting values that both services share, for clap's `value_parser`, and the
+//! start-up error that names a setting's environment variable next to its flag.
 
+use std::ffi::OsStr;
 use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 
 /// Parses a duration given as whole seconds (`90`) or with a unit (`500ms`, `90s`, `15m`, `24h`,
 /// `7d`).
@@ -29,6 +33,53 @@ pub fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
+/// Parses a text that must not be empty or only whitespace, such as a secret.
+///
+/// # Errors
+/// Fails on empty text.
+pub fn parse_non_empty(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
+/// Adds the environment variable to clap's message about an invalid value, so that
+/// `STREAM_PARTITIONS=0` reports `'--stream-partitions <N>' (environment variable
+/// STREAM_PARTITIONS)`. Clap names only the flag, even when the value came from the variable.
+/// Other errors, and values of arguments without a variable, are returned unchanged.
+pub fn name_variable(mut err: clap::Error, command: &clap::Command) -> clap::Error {
+    if !matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+        return err;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    // Clap renders the argument as `--long <VALUE_NAME>`.
+    let long = arg.split_whitespace().next().unwrap_or(arg).trim_start_matches("--");
+    let Some(variable) = variable_of(command, long) else {
+        return err;
+    };
+    let named = format!("{arg} (environment variable {variable})");
+    err.insert(ContextKind::InvalidArg, ContextValue::String(named));
+    err
+}
+
+/// Returns the environment variable of the argument `--long`, in `command` or its subcommands.
+fn variable_of(command: &clap::Command, long: &str) -> Option<String> {
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .and_then(clap::Arg::get_env)
+        .map(OsStr::to_string_lossy)
+        .map(String::from)
+        .or_else(|| {
+            command
+                .get_subcommands()
+                .find_map(|subcommand| variable_of(subcommand, long))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,6 +91,61 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 24 * 3600)));
         let err = parse_duration("soon").expect_err("no number");
         assert!(err.contains("write whole seconds"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_flag_and_variable() {
+        let command = clap::Command::new("svc")
+            .arg(
+                clap::Arg::new("partitions")
+                    .long("stream-partitions")
+                    .env("TEST_SETTINGS_PARTITIONS")
+                    .value_parser(clap::value_parser!(u32).range(1..=4096)),
+            )
+            .subcommand(
+                clap::Command::new("serve").arg(
+                    clap::Arg::new("queue")
+                        .long("publish-queue")
+                        .env("TEST_SETTINGS_QUEUE")
+                        .value_parser(parse_positive),
+                ),
+            );
+        let err = command
+            .clone()
+            .try_get_matches_from(["svc", "--stream-partitions", "0"])
+            .expect_err("0 is out of range");
+        let message = name_variable(err, &command).to_string();
+        assert!(message.contains("--stream-partitions"), "{message}");
+        assert!(
+            message.contains("environment variable TEST_SETTINGS_PARTITIONS"),
+            "{message}"
+        );
+        assert!(message.contains("1..=4096"), "{message}");
+
+        let err = command
+            .clone()
+            .try_get_matches_from(["svc", "serve", "--publish-queue", "0"])
+            .expect_err("0 is rejected");
+        let message = name_variable(err, &command).to_string();
+        assert!(
+            message.contains("environment variable TEST_SETTINGS_QUEUE"),
+            "{message}"
+        );
+        assert!(message.contains("must be at least 1"), "{message}");
+
+        let err = command
+            .clone()
+            .try_get_matches_from(["svc", "--unknown"])
+            .expect_err("unknown flag");
+        let unknown = err.to_string();
+        assert_eq!(name_variable(err, &command).to_string(), unknown);
+    }
+
+    #[test]
+    fn non_empty_rejects_blank_text() {
+        assert_eq!(parse_non_empty("s3cret"), Ok("s3cret".to_owned()));
+        assert_eq!(parse_non_empty(" "), Err("must not be empty".to_owned()));
+        assert!(parse_non_empty("").is_err());
     }
 
     #[test]

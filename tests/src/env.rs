@@ -70,6 +70,11 @@ pub struct TestEnv {
     pub grpc: SocketAddr,
     /// HTTP address of the edge.
     pub edge: SocketAddr,
+    /// Address of the notifier's `/metrics`: its HTTP listener, or the one process's metrics
+    /// listener in standalone mode.
+    pub notifier_metrics: SocketAddr,
+    /// Address of the edge's `/metrics`; the same as `notifier_metrics` in standalone mode.
+    pub edge_metrics: SocketAddr,
     /// Environment of the notifier process, for [`TestEnv::start_extra_notifier`]; empty in
     /// standalone mode.
     notifier_vars: Vec<(&'static str, String)>,
@@ -165,10 +170,12 @@ impl TestEnv {
         let mut edge_vars = common;
         edge_vars.push(("JWT_SECRET", JWT_SECRET.into()));
         edge_vars.push(("EDGE_LISTEN", "127.0.0.1:0".into()));
+        edge_vars.push(("EDGE_METRICS_LISTEN", "127.0.0.1:0".into()));
         edge_vars.push(("NOTIFIER_URL", format!("http://{grpc}")));
         edge_vars.extend(options.edge_env.iter().cloned());
-        let edge_process = binaries::start("ws-edge", &[], &edge_vars, &["http"], log("ws-edge")).await?;
+        let edge_process = binaries::start("ws-edge", &[], &edge_vars, &["http", "metrics"], log("ws-edge")).await?;
         let edge = edge_process.addr("http")?;
+        let (notifier_metrics, edge_metrics) = (notifier.addr("http")?, edge_process.addr("metrics")?);
         let processes = vec![notifier, edge_process];
         Ok(Self {
             mode: Mode::Distributed,
@@ -176,6 +183,8 @@ impl TestEnv {
             processes,
             grpc,
             edge,
+            notifier_metrics,
+            edge_metrics,
             notifier_vars,
             database: Some(id),
             data_dir: None,
@@ -188,13 +197,14 @@ impl TestEnv {
             ("NOTIFY_DATA_DIR", data_dir.display().to_string()),
             ("NOTIFIER_LISTEN", "127.0.0.1:0".into()),
             ("EDGE_LISTEN", "127.0.0.1:0".into()),
+            ("EDGE_METRICS_LISTEN", "127.0.0.1:0".into()),
             ("JWT_SECRET", JWT_SECRET.into()),
             ("STREAM_PARTITIONS", PARTITIONS.to_string()),
         ];
         vars.extend(options.notifier_env.into_iter().chain(options.edge_env));
         let log = work_dir().join("logs").join(format!("{id}-standalone.log"));
-        let process = binaries::start("notify-standalone", &[], &vars, &["grpc", "http"], log).await?;
-        let (grpc, edge) = (process.addr("grpc")?, process.addr("http")?);
+        let process = binaries::start("notify-standalone", &[], &vars, &["grpc", "http", "metrics"], log).await?;
+        let (grpc, edge, metrics) = (process.addr("grpc")?, process.addr("http")?, process.addr("metrics")?);
         let processes = vec![process];
         Ok(Self {
             mode: Mode::Standalone,
@@ -202,6 +212,8 @@ impl TestEnv {
             processes,
             grpc,
             edge,
+            notifier_metrics: metrics,
+            edge_metrics: metrics,
             notifier_vars: Vec::new(),
             database: None,
             data_dir: Some(data_dir),
@@ -239,7 +251,11 @@ impl TestEnv {
     pub async fn restart_notifier(&mut self) -> anyhow::Result<()> {
         let listen_vars: &[(&str, &str)] = match self.mode {
             Mode::Distributed => &[("NOTIFIER_LISTEN", "grpc"), ("NOTIFIER_HTTP_LISTEN", "http")],
-            Mode::Standalone => &[("NOTIFIER_LISTEN", "grpc"), ("EDGE_LISTEN", "http")],
+            Mode::Standalone => &[
+                ("NOTIFIER_LISTEN", "grpc"),
+                ("EDGE_LISTEN", "http"),
+                ("EDGE_METRICS_LISTEN", "metrics"),
+            ],
         };
         self.process_mut(0)?.restart(listen_vars).await
     }
@@ -252,7 +268,10 @@ impl TestEnv {
     /// Fails when the new process does not start.
     pub async fn restart_edge(&mut self) -> anyhow::Result<()> {
         match self.mode {
-            Mode::Distributed => self.process_mut(1)?.restart(&[("EDGE_LISTEN", "http")]).await,
+            Mode::Distributed => {
+                let listen_vars = [("EDGE_LISTEN", "http"), ("EDGE_METRICS_LISTEN", "metrics")];
+                self.process_mut(1)?.restart(&listen_vars).await
+            }
             Mode::Standalone => self.restart_notifier().await,
         }
     }

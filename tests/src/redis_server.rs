@@ -130,6 +130,40 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server's process with SIGSTOP: connections stay open and every command hangs
+    /// until [`RedisServer::thaw`]. Dropping a frozen server still kills it.
+    ///
+    /// # Errors
+    /// Fails when the server is not running or `kill` fails.
+    pub async fn freeze(&self) -> anyhow::Result<()> {
+        self.signal("-STOP").await
+    }
+
+    /// Resumes a server stopped by [`RedisServer::freeze`] with SIGCONT.
+    ///
+    /// # Errors
+    /// Fails when the server is not running or `kill` fails.
+    pub async fn thaw(&self) -> anyhow::Result<()> {
+        self.signal("-CONT").await
+    }
+
+    async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("redis-server is not running")?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await
+            .with_context(|| format!("run kill {signal} {pid}"))?;
+        if !status.success() {
+            bail!("kill {signal} {pid} failed with {status}");
+        }
+        Ok(())
+    }
+
     async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.url())?;
         Ok(client.get_multiplexed_async_connection().await?)

@@ -288,6 +288,77 @@ async fn redis_pause_loses_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Returns `count` channels in different partitions.
+fn channels_in_distinct_partitions(count: usize) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    (0..1000)
+        .map(|i| format!("frozen-{i}"))
+        .filter(|channel| seen.insert(partition_of(channel, PARTITIONS)))
+        .take(count)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_does_not_hold_acks() -> anyhow::Result<()> {
+    let Some((redis, env)) = start_on_own_redis("frozen", Options::default()).await? else {
+        return Ok(());
+    };
+    let channels = channels_in_distinct_partitions(12);
+    let mut client = env.connect("alice").await?;
+    for channel in &channels {
+        client.subscribe(channel).await?;
+    }
+    let mut publisher = env.publisher().await?;
+    let mut acked = vec![publisher.publish(keyed(&channels[0], "0", "")).await?.into_inner()];
+    receive(&mut client, 1).await?;
+
+    // Redis stops (SIGSTOP). First each channel gets two events, one after the other. A
+    // committer that waited for its append held each channel's second publish for the Redis
+    // timeouts (2 s to connect, 3 s to respond). Over 12 partitions that adds up to 24 s or more,
+    // beyond the 12 s allowed. Then, 6 s into the freeze, when every earlier Redis call has timed
+    // out, each channel gets a third event.
+    let allowed = Duration::from_secs(12);
+    let frozen_at = tokio::time::Instant::now();
+    redis.freeze().await?;
+    let publishing = tokio::time::timeout(allowed, async {
+        for channel in &channels {
+            for n in 1..=2 {
+                let response = publisher.publish(keyed(channel, &n.to_string(), "")).await;
+                acked.push(
+                    response
+                        .with_context(|| format!("publish {n} to {channel}"))?
+                        .into_inner(),
+                );
+            }
+        }
+        tokio::time::sleep_until(frozen_at + Duration::from_secs(6)).await;
+        for channel in &channels {
+            let response = publisher.publish(keyed(channel, "3", "")).await;
+            acked.push(
+                response
+                    .with_context(|| format!("publish 3 to {channel}"))?
+                    .into_inner(),
+            );
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    let acked_while_frozen = acked.len() - 1;
+    redis.thaw().await?;
+    publishing
+        .with_context(|| format!("{acked_while_frozen} of 36 publishes acknowledged while Redis was frozen"))??;
+    assert_eq!(acked_while_frozen, 36);
+
+    // After Redis resumes, every acknowledged event is delivered once.
+    let mut delivered = ids(&receive(&mut client, acked.len() - 1).await?);
+    let mut expected = acked_ids(&acked[1..]);
+    delivered.sort();
+    expected.sort();
+    assert_eq!(delivered, expected);
+    client.expect_nothing_pending().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_before_resume_recovers_from_store() -> anyhow::Result<()> {
     let options = Options::default().notifier("STREAM_MAXLEN", "5");

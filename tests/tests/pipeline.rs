@@ -234,6 +234,36 @@ e2e_test!(hebrew_and_emoji_round_trip, |env| {
     Ok(())
 });
 
+/// Returns the frame's text between `"data":` and `,"ts":`, whitespace included, where
+/// [`raw_data`] would leave out the whitespace around the value.
+fn data_text(frame: &str) -> anyhow::Result<&str> {
+    let start = frame.find(",\"data\":").context("frame has no data")? + ",\"data\":".len();
+    let end = frame.rfind(",\"ts\":").context("frame has no ts")?;
+    frame
+        .get(start..end)
+        .with_context(|| format!("data out of place in {frame}"))
+}
+
+e2e_test!(payload_whitespace_reaches_the_frame, |env| {
+    let mut client = env.connect("alice").await?;
+    client.subscribe("news").await?;
+    let payloads = [" {\"ws\" :  [1 , 2]}\n", "\n\t{\"title\":\"שלום, עולם\"}\r\n  "];
+    for data in payloads {
+        env.publish("news", "post.created", data).await?;
+        let frame = client.recv_text().await?;
+        assert_eq!(data_text(&frame)?, data, "frame {frame:?}");
+        serde_json::from_str::<Value>(&frame).with_context(|| format!("frame is not JSON: {frame:?}"))?;
+    }
+    let stored: Vec<String> = env
+        .history("news", 0)
+        .await?
+        .into_iter()
+        .map(|event| event.data)
+        .collect();
+    assert_eq!(stored, payloads);
+    Ok(())
+});
+
 e2e_test!(hundred_events_arrive_in_order, |env| {
     let mut client = env.connect("alice").await?;
     client.subscribe("ticker").await?;

@@ -14,6 +14,7 @@ async fn start(data_dir: &Path, run: usize) -> anyhow::Result<Process> {
         ("NOTIFY_DATA_DIR", data_dir.display().to_string()),
         ("NOTIFIER_LISTEN", "127.0.0.1:0".to_owned()),
         ("EDGE_LISTEN", "127.0.0.1:0".to_owned()),
+        ("EDGE_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
     ];
     let log = data_dir.with_extension(format!("run{run}.log"));
     binaries::start("notify-standalone", &[], &vars, &["grpc", "http"], log).await

@@ -7,8 +7,9 @@
 //!    numbers just below the returned value.
 //! 4. Insert the events and the new keys.
 //!
-//! A key with the same text but another channel maps to another partition, whose lock does not
-//! help. If such a concurrent commit takes a key between the lookup and the insert, the insert
+//! Keys are scoped by caller ([`NewEvent::idempotency_scope`]): the same text sent by two API keys
+//! is two unrelated keys. A key with the same scope and text but another channel maps to another
+//! partition, whose lock does not help. If such a concurrent commit takes a key between the lookup and the insert, the insert
 //! reports fewer keys than expected. The transaction is then rolled back and retried, and the
 //! retry's lookup finds the key.
 
@@ -22,6 +23,9 @@ use sqlx::any::Any;
 use sqlx::{AssertSqlSafe, Row, Transaction};
 
 use super::{NewEvent, Store, StoreError, ms_before, now_ms, to_i64, to_u64};
+
+/// An idempotency key with the caller it belongs to: `(scope, key)`.
+type ScopedKey = (String, String);
 
 /// Number of times a batch is tried when concurrent commits keep taking its idempotency keys.
 const MAX_COMMIT_ATTEMPTS: u32 = 3;
@@ -100,9 +104,9 @@ impl Store {
         let key_cutoff = ms_before(now, idempotency_window);
         let mut tx = self.write.begin().await?;
 
-        let keys: HashSet<&str> = batch
+        let keys: HashSet<(&str, &str)> = batch
             .iter()
-            .filter_map(|event| event.idempotency_key.as_deref())
+            .filter_map(|event| Some((event.idempotency_scope.as_str(), event.idempotency_key.as_deref()?)))
             .collect();
         let mut plan = Plan::default();
         if !keys.is_empty() {
@@ -165,18 +169,19 @@ enum Planned {
 /// The decisions for one batch before sequence numbers are known.
 #[derive(Debug, Default)]
 struct Plan<'a> {
-    /// First use of each key: from the store, or from an earlier request of this batch.
-    first_uses: HashMap<String, FirstUse>,
+    /// First use of each scoped key: from the store, or from an earlier request of this batch.
+    first_uses: HashMap<ScopedKey, FirstUse>,
     /// New events with their ids.
     fresh: Vec<(&'a NewEvent, String)>,
     planned: Vec<Planned>,
-    /// Keys to insert: key, index into `fresh`, fingerprint.
-    new_keys: Vec<(String, usize, String)>,
+    /// Keys to insert: scoped key, index into `fresh`, fingerprint.
+    new_keys: Vec<(ScopedKey, usize, String)>,
 }
 
 /// A row of `idempotency_keys` to insert.
 #[derive(Debug)]
 struct KeyRow {
+    scope: String,
     key: String,
     event_id: String,
     partition: u32,
@@ -191,7 +196,8 @@ impl<'a> Plan<'a> {
             return;
         };
         let fingerprint = fingerprint(event);
-        let planned = match self.first_uses.get(key) {
+        let scoped = (event.idempotency_scope.clone(), key.clone());
+        let planned = match self.first_uses.get(&scoped) {
             Some(first) if first.fingerprint == fingerprint => Planned::Stored {
                 id: first.event_id.clone(),
                 position: first.position,
@@ -205,13 +211,13 @@ impl<'a> Plan<'a> {
                 let index = self.add_fresh(event);
                 let event_id = self.fresh[index].1.clone();
                 let position = Position::Fresh(index);
-                self.new_keys.push((key.clone(), index, fingerprint.clone()));
+                self.new_keys.push((scoped.clone(), index, fingerprint.clone()));
                 let first = FirstUse {
                     event_id,
                     position,
                     fingerprint,
                 };
-                self.first_uses.insert(key.clone(), first);
+                self.first_uses.insert(scoped, first);
                 return;
             }
         };
@@ -262,7 +268,8 @@ impl<'a> Plan<'a> {
         let key_rows = self
             .new_keys
             .into_iter()
-            .map(|(key, index, fingerprint)| KeyRow {
+            .map(|((scope, key), index, fingerprint)| KeyRow {
+                scope,
                 key,
                 event_id: self.fresh[index].1.clone(),
                 partition,
@@ -316,19 +323,21 @@ async fn lock_partition(tx: &mut Transaction<'static, Any>, partition: u32) -> R
     Ok(())
 }
 
-/// Returns the first uses of `keys` created at or after `cutoff_ms`; older ones have expired.
+/// Returns the first uses of the scoped `keys` created at or after `cutoff_ms`; older ones have
+/// expired.
 async fn find_keys(
     tx: &mut Transaction<'static, Any>,
-    keys: &HashSet<&str>,
+    keys: &HashSet<(&str, &str)>,
     cutoff_ms: i64,
-) -> Result<HashMap<String, FirstUse>, StoreError> {
+) -> Result<HashMap<ScopedKey, FirstUse>, StoreError> {
     let sql = format!(
-        "SELECT key, event_id, seq, fingerprint FROM idempotency_keys WHERE created_ms >= $1 AND key IN {}",
-        placeholders(1, keys.len(), 2)
+        "SELECT scope, key, event_id, seq, fingerprint FROM idempotency_keys \
+         WHERE created_ms >= $1 AND (scope, key) IN ({})",
+        placeholders(keys.len(), 2, 2)
     );
     let mut query = sqlx::query(AssertSqlSafe(sql)).bind(cutoff_ms);
-    for key in keys {
-        query = query.bind(*key);
+    for (scope, key) in keys {
+        query = query.bind(*scope).bind(*key);
     }
     let mut first_uses = HashMap::new();
     for row in query.fetch_all(&mut **tx).await? {
@@ -337,7 +346,7 @@ async fn find_keys(
             position: Position::Stored(to_u64(row.try_get("seq")?)),
             fingerprint: row.try_get("fingerprint")?,
         };
-        first_uses.insert(row.try_get("key")?, first);
+        first_uses.insert((row.try_get("scope")?, row.try_get("key")?), first);
     }
     Ok(first_uses)
 }
@@ -392,12 +401,12 @@ async fn insert_keys(
     cutoff_ms: i64,
     created_ms: i64,
 ) -> Result<usize, StoreError> {
-    const COLUMNS: usize = 6;
+    const COLUMNS: usize = 7;
     let mut written = 0;
     for chunk in rows.chunks(INSERT_ROWS) {
         let sql = format!(
-            "INSERT INTO idempotency_keys (key, event_id, partition, seq, fingerprint, created_ms) VALUES {} \
-             ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id, partition = excluded.partition, \
+            "INSERT INTO idempotency_keys (scope, key, event_id, partition, seq, fingerprint, created_ms) VALUES {} \
+             ON CONFLICT (scope, key) DO UPDATE SET event_id = excluded.event_id, partition = excluded.partition, \
              seq = excluded.seq, fingerprint = excluded.fingerprint, created_ms = excluded.created_ms \
              WHERE idempotency_keys.created_ms < $1 RETURNING key",
             placeholders(chunk.len(), COLUMNS, 2)
@@ -405,6 +414,7 @@ async fn insert_keys(
         let mut query = sqlx::query(AssertSqlSafe(sql)).bind(cutoff_ms);
         for row in chunk {
             query = query
+                .bind(row.scope.as_str())
                 .bind(row.key.as_str())
                 .bind(row.event_id.as_str())
                 .bind(i64::from(row.partition))
@@ -442,6 +452,7 @@ mod tests {
             data: data.into(),
             user_id: String::new(),
             idempotency_key: key.map(str::to_owned),
+            idempotency_scope: String::new(),
             traceparent: String::new(),
             tracestate: String::new(),
         }

@@ -45,6 +45,9 @@ pub struct NewEvent {
     pub user_id: String,
     /// Idempotency key, if the publisher sent one.
     pub idempotency_key: Option<String>,
+    /// Caller the idempotency key belongs to: the hex hash of its API key, or empty when the
+    /// notifier runs without API keys. Equal keys of different scopes are unrelated.
+    pub idempotency_scope: String,
     /// W3C `traceparent` of the publish call; empty when absent.
     pub traceparent: String,
     /// W3C `tracestate` of the publish call; empty when absent.
@@ -242,8 +245,8 @@ impl Store {
             .await?;
         let keys = self
             .delete_batches(
-                "DELETE FROM idempotency_keys WHERE key IN \
-                 (SELECT key FROM idempotency_keys WHERE created_ms < $1 ORDER BY created_ms LIMIT $2)",
+                "DELETE FROM idempotency_keys WHERE (scope, key) IN \
+                 (SELECT scope, key FROM idempotency_keys WHERE created_ms < $1 ORDER BY created_ms LIMIT $2)",
                 keys_before,
             )
             .await?;
@@ -276,11 +279,13 @@ fn history_page(events: Vec<Event>, since: u64, limit: u32, head: u64, oldest: u
         _ => head,
     };
     // With nothing retained, the first retained position would be the next one to commit.
-    let first_retained = if oldest == 0 { head + 1 } else { oldest };
+    // Saturating: `since` comes from the caller and `head` from the store, and neither may
+    // overflow the sum.
+    let first_retained = if oldest == 0 { head.saturating_add(1) } else { oldest };
     HistoryResponse {
         events,
         head,
-        complete: since == 0 || since + 1 >= first_retained,
+        complete: since == 0 || since.saturating_add(1) >= first_retained,
         next_since,
     }
 }
@@ -380,5 +385,14 @@ mod tests {
         // Everything up to the head was removed.
         assert!(!history_page(vec![], 3, 10, 20, 0).complete);
         assert!(history_page(vec![], 20, 10, 20, 0).complete);
+    }
+
+    #[test]
+    fn largest_positions_do_not_overflow() {
+        let page = history_page(vec![], u64::MAX, 10, 20, 10);
+        assert!(page.complete);
+        assert_eq!(page.next_since, 20);
+        assert!(!history_page(vec![], 3, 10, u64::MAX, 0).complete);
+        assert!(history_page(vec![], u64::MAX, 10, u64::MAX, 0).complete);
     }
 }

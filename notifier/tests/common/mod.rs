@@ -100,6 +100,7 @@ pub fn new_event(channel: &str, data: &str, key: Option<&str>) -> NewEvent {
         data: data.to_owned(),
         user_id: String::new(),
         idempotency_key: key.map(str::to_owned),
+        idempotency_scope: String::new(),
         traceparent: String::new(),
         tracestate: String::new(),
     }
@@ -114,11 +115,16 @@ pub fn channels_in(partition: u32, partitions: u32, count: usize) -> Vec<String>
         .collect()
 }
 
-/// A stream writer that forwards to another one, or fails every call while `failing` is set.
+/// Maximum time an append of a hanging [`FlakyLog`] waits for the release.
+pub const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A stream writer that forwards to another one, fails every call while `failing` is set, and
+/// holds every append while `hanging` is set, like a Redis stopped with SIGSTOP.
 pub struct FlakyLog<L> {
     pub inner: L,
     pub failing: AtomicBool,
     pub failed_calls: AtomicUsize,
+    pub hanging: AtomicBool,
 }
 
 impl<L: LogWriter> FlakyLog<L> {
@@ -127,7 +133,20 @@ impl<L: LogWriter> FlakyLog<L> {
             inner,
             failing: AtomicBool::new(failing),
             failed_calls: AtomicUsize::new(0),
+            hanging: AtomicBool::new(false),
         })
+    }
+
+    /// Holds appends until `set_hanging(false)`, each for at most [`HANG_LIMIT`].
+    pub fn set_hanging(&self, hanging: bool) {
+        self.hanging.store(hanging, Ordering::SeqCst);
+    }
+
+    async fn wait_while_hanging(&self) {
+        let start = std::time::Instant::now();
+        while self.hanging.load(Ordering::SeqCst) && start.elapsed() < HANG_LIMIT {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     pub fn set_failing(&self, failing: bool) {
@@ -146,6 +165,7 @@ impl<L: LogWriter> FlakyLog<L> {
 #[async_trait]
 impl<L: LogWriter> LogWriter for FlakyLog<L> {
     async fn append(&self, partition: u32, events: &[Event]) -> Result<AppendReport, LogError> {
+        self.wait_while_hanging().await;
         self.check()?;
         self.inner.append(partition, events).await
     }
