@@ -26,13 +26,13 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::Instrument;
 
 use crate::admission::{MessageLimiter, SocketSlot, Verdict};
-use crate::auth::{ChannelError, Verifier};
+use crate::auth::{ChannelError, MAX_TOKEN_LIFETIME, Verifier};
 use crate::frames::{self, Reply, Request};
 use crate::hub::{HeadError, Registration, Socket, Subscription};
+use crate::metrics;
 use crate::outbound::{Ending, Outbound};
 use crate::recovery::{RecoveryError, fits_at_once};
 use crate::server::Edge;
-use crate::stats::Stats;
 use crate::writer::{self, Activity, WRITE_TIMEOUT, WriteError};
 
 /// Time a client has to send its `auth` frame when the URL carries no token.
@@ -40,8 +40,8 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a subscription waits for the stream reader to reach the requested position (another edge
 /// may have delivered it a moment earlier) or to start.
 pub const HEAD_WAIT: Duration = Duration::from_secs(1);
-/// Maximum time a token is trusted, whatever its `exp`, so that the expiry timer stays in range.
-const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Time the server waits for the client's close frame after sending its own.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// A close code and reason sent before authentication completes.
 type Rejection = (u16, &'static str);
@@ -55,13 +55,13 @@ where
 {
     let (mut sink, mut stream) = socket.split();
     let authenticated = tokio::select! {
-        result = authenticate(&mut stream, &edge.verifier, token) => result,
+        // Boxed: verifying a token may fetch the JWKS, which makes this future several KiB.
+        result = Box::pin(authenticate(&mut stream, &edge.verifier, token)) => result,
         () = edge.shutdown.cancelled() => Err((close::SERVICE_RESTART, "server restarting")),
     };
     let admitted = authenticated.and_then(|claims| match edge.admission.add_user_socket(&mut slot, &claims.sub) {
         Ok(()) => Ok(claims),
         Err(max) => {
-            Stats::add(&edge.stats.closed_max_sockets_per_user_total);
             tracing::debug!(max, "user has too many sockets");
             Err((close::RATE_LIMITED, "too many sockets for this user"))
         }
@@ -69,13 +69,19 @@ where
     let claims = match admitted {
         Ok(claims) => claims,
         Err((code, reason)) => {
-            edge.stats.record_close(code);
+            // Before authentication, 4029 is sent only for too many sockets of one user.
+            let label = match code {
+                close::RATE_LIMITED => metrics::MAX_SOCKETS_PER_USER,
+                code => metrics::close_reason(code),
+            };
+            edge.metrics.socket_ended(label, Some(code));
             tracing::debug!(code, reason, "rejected socket before authentication");
             let frame = CloseFrame {
                 code: code.into(),
                 reason: reason.into(),
             };
             let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            await_close_reply(&mut stream).await;
             return;
         }
     };
@@ -92,9 +98,12 @@ where
             session.activity.clone(),
             session.edge.shutdown.clone(),
         )
-        .instrument(span),
+        .instrument(span.clone()),
     );
-    session.run(stream, writer).await;
+    // The read loop gets its own task, so this one ends here and frees the memory of the
+    // handshake and authentication states, which would otherwise stay reserved per socket.
+    let sessions = session.edge.sessions.clone();
+    sessions.spawn(session.run(stream, writer).instrument(span));
 }
 
 /// Returns the verified claims, or the close code to reject the socket with.
@@ -130,7 +139,10 @@ where
                 Ok(Request::Auth { token }) => Ok(token),
                 _ => Err(NO_TOKEN),
             },
-            Some(Err(tungstenite::Error::Capacity(_))) => Err((close::MESSAGE_TOO_BIG, "message too big")),
+            Some(Err(err)) => match read_error_ending(&err) {
+                Ending::Close(code, reason) => Err((code, reason)),
+                Ending::Stop => Err(NO_TOKEN),
+            },
             _ => Err(NO_TOKEN),
         };
     }
@@ -210,12 +222,32 @@ impl Session {
             Some(result) => result,
             None => finish_writer(writer).await,
         };
-        if self.socket.queue.is_slow_consumer() {
-            self.edge.stats.record_close(close::SLOW_CONSUMER);
+        self.count_end(&result);
+        // A slow consumer is not reading, so waiting for its reply would only hold its memory.
+        if matches!(result, Ok(Ending::Close(code, _)) if code != close::SLOW_CONSUMER) {
+            await_close_reply(&mut stream).await;
         }
         match result {
             Ok(ending) => tracing::debug!(?ending, "socket closed"),
             Err(err) => tracing::debug!(error = %err, "socket dropped"),
+        }
+    }
+
+    /// Counts the socket's close by reason and code, and the frames its overflows discarded.
+    fn count_end(&self, result: &Result<Ending, WriteError>) {
+        let metrics = &self.edge.metrics;
+        let dropped = self.socket.queue.dropped();
+        if dropped > 0 {
+            metrics.frames_dropped_slow_consumer.inc_by(dropped as u64);
+        }
+        // A slow consumer counts as one even when its close frame could not be written.
+        if self.socket.queue.is_slow_consumer() {
+            return metrics.socket_closed(close::SLOW_CONSUMER);
+        }
+        match result {
+            Ok(Ending::Close(code, _)) => metrics.socket_closed(*code),
+            Ok(Ending::Stop) => metrics.socket_ended(metrics::CLIENT_CLOSED, None),
+            Err(_) => metrics.socket_ended(metrics::WRITE_FAILED, None),
         }
     }
 
@@ -243,7 +275,9 @@ impl Session {
                     }
                     continue;
                 }
-                message = stream.next() => match self.handle(message).await {
+                // Boxed: a subscribe may call the notifier, a large future this loop would
+                // otherwise hold for the socket's whole life.
+                message = stream.next() => match Box::pin(self.handle(message)).await {
                     Flow::Continue => continue,
                     Flow::End(ending) => ending,
                 },
@@ -257,14 +291,9 @@ impl Session {
     async fn handle(&mut self, message: Option<Result<Message, tungstenite::Error>>) -> Flow {
         let message = match message {
             None => return Flow::End(Ending::Stop),
-            Some(Err(tungstenite::Error::Capacity(err))) => {
-                tracing::debug!(error = %err, "client message too big");
-                self.edge.stats.record_close(close::MESSAGE_TOO_BIG);
-                return Flow::End(Ending::Close(close::MESSAGE_TOO_BIG, "message too big"));
-            }
             Some(Err(err)) => {
                 tracing::debug!(error = %err, "socket read failed");
-                return Flow::End(Ending::Stop);
+                return Flow::End(read_error_ending(&err));
             }
             Some(Ok(message)) => message,
         };
@@ -296,9 +325,8 @@ impl Session {
         if verdict == Verdict::Allow {
             return None;
         }
-        Stats::add(&self.edge.stats.dropped_rate_limited_total);
+        self.edge.metrics.messages_dropped_rate_limited.inc();
         if verdict == Verdict::Close {
-            Stats::add(&self.edge.stats.closed_rate_limited_total);
             tracing::debug!("closing socket that kept exceeding its message rate");
             return Some(Flow::End(Ending::Close(close::RATE_LIMITED, "rate limited")));
         }
@@ -347,6 +375,31 @@ impl Session {
         self.warn_at = Some(warning_time(&claims, self.edge.limits.token_expiry_warning));
         self.send(Reply::Refreshed { expires_at: claims.exp }.encode());
         self.claims = claims;
+        self.drop_forbidden_subscriptions();
+    }
+
+    /// Ends every subscription the current token no longer grants, with an `unsubscribed` frame
+    /// whose `reason` is `forbidden`.
+    fn drop_forbidden_subscriptions(&mut self) {
+        let policy = &self.edge.policy;
+        let mut forbidden: Vec<String> = self
+            .subscriptions
+            .keys()
+            .filter(|channel| policy.authorize(&self.claims, channel).is_err())
+            .cloned()
+            .collect();
+        forbidden.sort_unstable();
+        for channel in forbidden {
+            if let Some(subscription) = self.subscriptions.remove(&channel) {
+                self.edge.hub.unregister(&subscription);
+            }
+            tracing::debug!(channel, "ended a subscription the refreshed token does not grant");
+            let reply = Reply::Unsubscribed {
+                channel: &channel,
+                reason: Some(error_code::FORBIDDEN),
+            };
+            self.send(reply.encode());
+        }
     }
 
     /// Sends `token_expiring` once for the current token.
@@ -362,15 +415,14 @@ impl Session {
         );
     }
 
-    /// Subscribes to a channel, replaying from `since` when given.
+    /// Subscribes to a channel, replaying from `since` when given. A subscribe of a channel that
+    /// is already subscribed replaces that subscription only once every check passed; an error
+    /// frame leaves it as it was.
     async fn subscribe(&mut self, channel: String, since: Option<serde_json::Value>) {
         let since = match self.check_subscribe(&channel, since) {
             Ok(since) => since,
             Err((code, message)) => return self.send_error(code, &message, Some(&channel)),
         };
-        if let Some(previous) = self.subscriptions.remove(&channel) {
-            self.edge.hub.unregister(&previous);
-        }
 
         // Wait briefly for the stream reader to start or to reach `since`.
         let partition = self.edge.hub.partition_of(&channel);
@@ -383,9 +435,19 @@ impl Session {
             return self.send_head_error(err, since, &channel);
         }
 
-        // Register, then send `subscribed` and the replay before going live.
+        // While the partition's reads fail, its head may be behind the store, so the edge cannot
+        // tell which events a resume missed.
+        if since.is_some() && !self.edge.fanout.is_current(partition) {
+            let message = "the edge cannot read the event stream just now, so it cannot recover missed events; \
+                           retry after a delay";
+            return self.send_error(error_code::UNAVAILABLE, message, Some(&channel));
+        }
+
+        // Register in place of the previous subscription, then send `subscribed` and the replay
+        // before going live.
         let subscription = Arc::new(Subscription::new(self.socket.clone(), channel.clone(), partition));
-        let registration = match self.edge.hub.register(&subscription, since) {
+        let previous = self.subscriptions.get(&channel);
+        let registration = match self.edge.hub.replace(previous, &subscription, since) {
             Ok(registration) => registration,
             Err(err) => return self.send_head_error(err, since, &channel),
         };
@@ -468,7 +530,7 @@ impl Session {
         match self.subscriptions.remove(channel) {
             Some(subscription) => {
                 self.edge.hub.unregister(&subscription);
-                self.send(Reply::Unsubscribed { channel }.encode());
+                self.send(Reply::Unsubscribed { channel, reason: None }.encode());
             }
             None => self.send_error(
                 error_code::NOT_SUBSCRIBED,
@@ -482,6 +544,7 @@ impl Session {
     fn recovered(&mut self, (subscription, result): Recovered) {
         let Err(err) = result else { return };
         tracing::warn!(channel = subscription.channel(), error = %err, "replay failed");
+        self.edge.metrics.store_error(metrics::operation::REPLAY);
         self.edge.hub.unregister(&subscription);
         let channel = subscription.channel();
         if self
@@ -505,7 +568,41 @@ impl Session {
     }
 }
 
+/// Returns how to end a socket whose read failed: with the close code RFC 6455 assigns to a
+/// client's error (1009 too big, 1007 invalid UTF-8, 1002 protocol error), or without a close
+/// frame when the connection itself is gone.
+fn read_error_ending(err: &tungstenite::Error) -> Ending {
+    use tungstenite::error::ProtocolError;
+    match err {
+        tungstenite::Error::Capacity(_) => Ending::Close(close::MESSAGE_TOO_BIG, "message too big"),
+        tungstenite::Error::Utf8(_) => Ending::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ending::Stop,
+        tungstenite::Error::Protocol(_) => Ending::Close(close::PROTOCOL_ERROR, "protocol error"),
+        _ => Ending::Stop,
+    }
+}
+
 /// Waits for the writer to send its close frame, and aborts it when that takes too long.
+/// Reads and discards client frames until the client's close frame arrives, for at most
+/// [`CLOSE_LINGER`], after the server sent its own close frame.
+///
+/// Closing the TCP connection while the client's frames are still unread makes the kernel reset
+/// it, and a reset discards the server's close frame if the client has not read it yet. A client
+/// flooding the socket then sees a reset instead of its close code.
+async fn await_close_reply<S>(stream: &mut S)
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    let drain = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+}
+
 async fn finish_writer(mut writer: JoinHandle<Result<Ending, WriteError>>) -> Result<Ending, WriteError> {
     match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
         Ok(joined) => joined.unwrap_or_else(|err| Err(WriteError::Failed(err.to_string()))),

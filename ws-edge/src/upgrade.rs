@@ -19,7 +19,9 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
 /// Bytes tungstenite reads from the socket at a time; its buffer grows only for larger frames.
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Client frames are small (a subscribe is about 100 bytes, a refresh with its token about
+/// 1 KiB), and every idle socket keeps this buffer, so it is small too.
+pub const READ_BUFFER_BYTES: usize = 512;
 /// Bytes tungstenite collects before writing to the socket without a flush. The writer flushes
 /// after each batch, so this only splits large batches into several writes.
 pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -48,16 +50,17 @@ pub fn upgrade() -> impl Filter<Extract = (Upgrade,), Error = warp::Rejection> +
         )
 }
 
-/// Returns tungstenite's settings for a socket whose outbound queue has a capacity of `queue_bytes`.
+/// Returns tungstenite's settings for a socket.
 ///
 /// Frames and messages above `max_message_bytes` fail the read with a capacity error, which the
-/// session turns into close code 1009. The write buffer is capped at a queue's worth of frames
-/// plus slack; the writer never feeds more than that before a flush.
-pub fn socket_config(max_message_bytes: usize, queue_bytes: usize) -> WebSocketConfig {
+/// session turns into close code 1009. The write buffer has no cap of its own: the writer feeds
+/// at most one batch before a flush, and a batch is bounded by the outbound queue, whose bytes
+/// plus one frame of any size (an event may be larger than `SOCKET_QUEUE_BYTES`).
+pub fn socket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(queue_bytes + WRITE_BUFFER_BYTES + 2 * max_message_bytes)
+        .max_write_buffer_size(usize::MAX)
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
 }

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery_trace;
 use crate::hub::Socket;
 use crate::outbound::Ending;
 
@@ -83,18 +84,24 @@ where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
     let mut batch = Vec::new();
+    let mut traces = Vec::new();
     let mut idle_check = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let ending = socket.queue.drain_into(&mut batch);
-        write_batch(&mut sink, &mut batch, &socket).await?;
+        // The writes are boxed so that an idle writer's task holds only the small wait state
+        // below, not the larger state of a write in progress.
+        let ending = socket.queue.drain_traced_into(&mut batch, &mut traces);
+        if !batch.is_empty() {
+            Box::pin(write_batch(&mut sink, &mut batch, &socket)).await?;
+        }
+        delivery_trace::mark_written(&mut traces);
         if let Some(ending) = ending {
-            finish(&mut sink, ending).await?;
+            Box::pin(finish(&mut sink, ending)).await?;
             return Ok(ending);
         }
         tokio::select! {
             () = socket.queue.wait() => {}
-            _ = idle_check.tick() => check_idle(&mut sink, &socket, &activity).await?,
+            _ = idle_check.tick() => Box::pin(check_idle(&mut sink, &socket, &activity)).await?,
             () = shutdown.cancelled(), if !socket.queue.is_ending() => {
                 socket.queue.end(Ending::Close(close::SERVICE_RESTART, "server restarting"));
             }

@@ -20,13 +20,14 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const SECRET: &str = "memory-test-secret-0123456789abcdef";
 const SOCKETS: usize = 2000;
 
-fn token() -> String {
+/// Returns a token for user `load-<index>`: one socket per user, like a browser tab each.
+fn token(index: usize) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs();
     let claims = Claims {
-        sub: "load".into(),
+        sub: format!("load-{index}"),
         exp: now + 3600,
         iat: None,
         channels: Vec::new(),
@@ -55,6 +56,7 @@ async fn memory_per_socket() {
     let mut edge = Command::new(env!("CARGO_BIN_EXE_ws-edge"))
         .env("JWT_SECRET", SECRET)
         .env("EDGE_LISTEN", "127.0.0.1:0")
+        .env("EDGE_METRICS_LISTEN", "127.0.0.1:0")
         .env("REDIS_URL", "redis://127.0.0.1:6379")
         .env("STREAM_PREFIX", &prefix)
         .env("NOTIFIER_URL", "http://127.0.0.1:1")
@@ -79,16 +81,16 @@ async fn memory_per_socket() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // Warm up the allocator and the runtime with a few sockets, then measure many.
-    let url = format!("ws://{addr}/ws?token={}", token());
+    let url = |index| format!("ws://{addr}/ws?token={}", token(index));
     let config = WebSocketConfig::default().read_buffer_size(4096);
     let mut clients = Vec::new();
-    for _ in 0..20 {
-        clients.push(connect(&url, config).await);
+    for index in 0..20 {
+        clients.push(connect(&url(index), config).await);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(pid);
-    for _ in 0..SOCKETS {
-        clients.push(connect(&url, config).await);
+    for index in 20..20 + SOCKETS {
+        clients.push(connect(&url(index), config).await);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid);
