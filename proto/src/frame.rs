@@ -16,6 +16,16 @@ struct EventHeader<'a> {
     channel: &'a str,
     id: &'a str,
     position: u64,
+    #[serde(rename = "traceId", skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+}
+
+/// Optional fields of event frames, chosen by the edge's configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameOptions {
+    /// Adds `"traceId"`, the W3C trace id of the publish call, to events that carry trace
+    /// context, so that a browser can report its receive latency in the publisher's trace.
+    pub trace_id: bool,
 }
 
 /// Encodes an event as the frame clients receive:
@@ -28,6 +38,15 @@ struct EventHeader<'a> {
 /// # Errors
 /// Fails when the payload is not valid JSON, which the notifier's validation rules out.
 pub fn encode_event(event: &Event) -> Result<String, serde_json::Error> {
+    encode_event_with(event, FrameOptions::default())
+}
+
+/// Encodes an event like [`encode_event`], with the optional fields of `options`:
+/// `{"type":..,"channel":..,"id":..,"position":..,"traceId":..,"data":<payload>,"ts":..}`.
+///
+/// # Errors
+/// Fails when the payload is not valid JSON, which the notifier's validation rules out.
+pub fn encode_event_with(event: &Event, options: FrameOptions) -> Result<String, serde_json::Error> {
     // Parsing into a RawValue only checks the payload. Its text is not used because serde_json
     // leaves out the whitespace around the value.
     serde_json::from_str::<&RawValue>(&event.data)?;
@@ -36,6 +55,7 @@ pub fn encode_event(event: &Event) -> Result<String, serde_json::Error> {
         channel: &event.channel,
         id: &event.id,
         position: event.seq,
+        trace_id: options.trace_id.then(|| trace_id(&event.traceparent)).flatten(),
     })?;
     // The header ends with the object's closing brace, which moves to the end of the frame.
     let header = header.strip_suffix('}').unwrap_or(&header);
@@ -45,6 +65,14 @@ pub fn encode_event(event: &Event) -> Result<String, serde_json::Error> {
     frame.push_str(&event.data);
     let _ = write!(frame, ",\"ts\":{}}}", event.ts_ms);
     Ok(frame)
+}
+
+/// Returns the trace id of a W3C `traceparent` (`version-traceid-parentid-flags`): 32 lowercase
+/// hex digits, not all zero. Anything else gives `None`.
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let id = traceparent.split('-').nth(1)?;
+    let hex = id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (hex && id.bytes().any(|b| b != b'0')).then_some(id)
 }
 
 #[cfg(test)]
@@ -106,5 +134,40 @@ mod tests {
     fn invalid_payload_is_an_error() {
         assert!(encode_event(&event("{oops")).is_err());
         assert!(encode_event(&event("1 2")).is_err());
+    }
+
+    #[test]
+    fn trace_id_is_added_when_configured() {
+        let traced = Event {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            ..event(r#"{"a":1}"#)
+        };
+        let options = FrameOptions { trace_id: true };
+        let frame = encode_event_with(&traced, options).expect("payload is valid JSON");
+        assert_eq!(
+            frame,
+            r#"{"type":"post.created","channel":"news","id":"e1","position":7,"traceId":"0af7651916cd43dd8448eb211c80319c","data":{"a":1},"ts":1}"#
+        );
+        let without = encode_event(&traced).expect("payload is valid JSON");
+        assert!(!without.contains("traceId"), "{without}");
+    }
+
+    #[test]
+    fn malformed_traceparent_adds_no_trace_id() {
+        let options = FrameOptions { trace_id: true };
+        for traceparent in [
+            "",
+            "00",
+            "00-XYZ-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c\"-x-01",
+        ] {
+            let traced = Event {
+                traceparent: traceparent.into(),
+                ..event("1")
+            };
+            let frame = encode_event_with(&traced, options).expect("payload is valid JSON");
+            assert!(!frame.contains("traceId"), "{traceparent:?} gave {frame}");
+        }
     }
 }

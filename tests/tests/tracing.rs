@@ -310,3 +310,37 @@ async fn json_logs_distributed() -> anyhow::Result<()> {
 async fn json_logs_standalone() -> anyhow::Result<()> {
     json_logs_carry_trace_id(Mode::Standalone).await
 }
+
+// === The trace id in the event frame ===
+
+/// With `EVENT_TRACE_ID`, the event frame carries the caller's trace id; without it, no trace id.
+async fn frames_carry_trace_id(mode: Mode) -> anyhow::Result<()> {
+    for enabled in [true, false] {
+        let options = Options::default().edge("EVENT_TRACE_ID", enabled.to_string());
+        let Some(env) = deployment(mode, options).await? else {
+            return Ok(());
+        };
+        let mut alice = env.connect("alice").await?;
+        alice.subscribe("news").await?;
+
+        let caller = CallerTrace::random();
+        publish_traced(&env, &caller).await?;
+        let frame = alice.expect_type("post.created").await?;
+        if enabled {
+            assert_eq!(frame["traceId"], hex(&caller.trace_id), "{frame}");
+        } else {
+            assert!(frame.get("traceId").is_none(), "{frame}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_trace_id_distributed() -> anyhow::Result<()> {
+    frames_carry_trace_id(Mode::Distributed).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_trace_id_standalone() -> anyhow::Result<()> {
+    frames_carry_trace_id(Mode::Standalone).await
+}

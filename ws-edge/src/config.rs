@@ -217,6 +217,11 @@ pub struct Config {
     #[arg(long, env = "CONFLATE_PREFIXES", value_delimiter = ',')]
     pub conflate_prefixes: Vec<String>,
 
+    /// Adds the publish call's W3C trace id to event frames as `traceId`, so that a browser can
+    /// report its receive latency in the publisher's trace.
+    #[arg(long, env = "EVENT_TRACE_ID", default_value_t = false, action = clap::ArgAction::Set)]
+    pub event_trace_id: bool,
+
     /// Maximum time the drain may take after a shutdown signal, as seconds or with a unit (`10s`).
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -298,6 +303,7 @@ impl Config {
             user_message_burst: DEFAULT_USER_MESSAGE_BURST,
             rate_limit_keys: DEFAULT_RATE_LIMIT_KEYS,
             conflate_prefixes: Vec::new(),
+            event_trace_id: false,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             demo_publish_command: DEFAULT_DEMO_PUBLISH_COMMAND.to_owned(),
         }

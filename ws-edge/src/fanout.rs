@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use notify_proto::frame;
+use notify_proto::frame::{self, FrameOptions};
 use notify_proto::history::{HistoryStore, MAX_PAGE};
 use notify_proto::log::{Cursor, LogReader};
 use notify_proto::pb::Event;
@@ -40,7 +40,12 @@ pub const UNREADY_AFTER: Duration = Duration::from_secs(5);
 /// replaced by a placeholder with an empty channel, which no subscription matches, so that the
 /// partition's sequence stays contiguous.
 pub fn encode(event: Event) -> Delivery {
-    match frame::encode_event(&event) {
+    encode_with(event, FrameOptions::default())
+}
+
+/// Encodes an event like [`encode`], with the optional frame fields of `options`.
+pub fn encode_with(event: Event, options: FrameOptions) -> Delivery {
+    match frame::encode_event_with(&event, options) {
         Ok(text) => Delivery {
             trace: DeliveryTrace::start(&event),
             seq: event.seq,
@@ -83,6 +88,8 @@ pub struct Fanout {
     last_read_ms: Box<[AtomicU64]>,
     /// Per partition: whether its last read failed, so that its head may be behind the stream.
     read_failing: Box<[AtomicBool]>,
+    /// Optional fields of the event frames.
+    frame_options: FrameOptions,
 }
 
 impl Fanout {
@@ -96,8 +103,16 @@ impl Fanout {
             clock: std::time::Instant::now(),
             last_read_ms: (0..hub.partitions()).map(|_| AtomicU64::new(0)).collect(),
             read_failing: (0..hub.partitions()).map(|_| AtomicBool::new(false)).collect(),
+            frame_options: FrameOptions::default(),
             hub,
         }
+    }
+
+    /// Sets the optional fields of the event frames.
+    #[must_use]
+    pub fn with_frame_options(mut self, options: FrameOptions) -> Self {
+        self.frame_options = options;
+        self
     }
 
     /// Returns whether the readers have loaded their cursors and are reading.
@@ -282,7 +297,7 @@ impl Fanout {
                     return;
                 }
             }
-            batch.push(encode(event));
+            batch.push(encode_with(event, self.frame_options));
         }
         self.deliver(cursor, batch);
     }
@@ -356,7 +371,7 @@ impl Fanout {
         let batch: Vec<Delivery> = events
             .enumerate()
             .take_while(|(index, event)| event.seq == start + *index as u64 + 1)
-            .map(|(_, event)| encode(event))
+            .map(|(_, event)| encode_with(event, self.frame_options))
             .collect();
         self.deliver(cursor, batch);
     }

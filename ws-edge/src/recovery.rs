@@ -9,13 +9,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify_proto::frame::FrameOptions;
 use notify_proto::history::{HistoryError, HistoryStore, MAX_PAGE};
 use notify_proto::log::LogReader;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::coalesce::Coalescer;
-use crate::fanout::encode;
+use crate::fanout::encode_with;
 use crate::frames::Reply;
 use crate::hub::{Delivery, Subscription};
 use crate::outbound::QueueLimits;
@@ -56,6 +57,8 @@ pub struct Recovery {
     /// In-flight store reads by (partition, after): the events and the store's oldest sequence.
     store_pages: Coalescer<(u32, u64), SharedEvents>,
     permits: Semaphore,
+    /// Optional fields of the event frames.
+    frame_options: FrameOptions,
 }
 
 impl Recovery {
@@ -67,7 +70,15 @@ impl Recovery {
             stream_pages: Coalescer::default(),
             store_pages: Coalescer::default(),
             permits: Semaphore::new(MAX_CONCURRENT_RECOVERIES),
+            frame_options: FrameOptions::default(),
         }
+    }
+
+    /// Sets the optional fields of the event frames.
+    #[must_use]
+    pub fn with_frame_options(mut self, options: FrameOptions) -> Self {
+        self.frame_options = options;
+        self
     }
 
     /// Sends `subscribed`, then the channel's events in `(since, head]`, then switches the
@@ -139,6 +150,7 @@ impl Recovery {
         let fetch = || async {
             let page = self.log.range(partition, after, PAGE_EVENTS as usize).await;
             let page = page.map_err(|err| err.to_string())?;
+            let encode = |event| encode_with(event, self.frame_options);
             Ok((page.events.into_iter().map(encode).collect(), page.first_seq))
         };
         self.stream_pages.get((partition, after), fetch).await
@@ -147,6 +159,7 @@ impl Recovery {
     async fn store_page(&self, partition: u32, after: u64) -> Result<SharedEvents, HistoryError> {
         let fetch = || async {
             let page = self.history.read_partition(partition, after, PAGE_EVENTS).await?;
+            let encode = |event| encode_with(event, self.frame_options);
             Ok((page.events.into_iter().map(encode).collect(), page.oldest))
         };
         self.store_pages.get((partition, after), fetch).await

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use notify_proto::frame::FrameOptions;
 use notify_proto::history::HistoryStore;
 use notify_proto::log::LogReader;
 use notify_proto::metrics::MetricsRegistry;
@@ -83,6 +84,9 @@ impl Edge {
         let verifier = Verifier::with_settings(config.verifier_settings()?)?;
         let admission = Arc::new(Admission::new(admission_limits(config)));
         metrics.watch(admission.clone(), verifier.jwks().cloned());
+        let frame_options = FrameOptions {
+            trace_id: config.event_trace_id,
+        };
         let queue = QueueLimits {
             frames: config.socket_queue_frames,
             bytes: config.socket_queue_bytes,
@@ -91,8 +95,8 @@ impl Edge {
             verifier,
             policy: ChannelPolicy::new(config.public_namespaces()),
             origins: OriginPolicy::new(config.allowed_origins.iter().map(String::as_str))?,
-            fanout: Arc::new(Fanout::new(hub.clone(), log.clone(), history.clone())),
-            recovery: Arc::new(Recovery::new(log, history)),
+            fanout: Arc::new(Fanout::new(hub.clone(), log.clone(), history.clone()).with_frame_options(frame_options)),
+            recovery: Arc::new(Recovery::new(log, history).with_frame_options(frame_options)),
             hub,
             limits: Limits {
                 queue,
