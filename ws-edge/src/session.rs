@@ -543,7 +543,12 @@ impl Session {
     /// Handles a finished replay: a failed one drops its subscription and sends an error frame.
     fn recovered(&mut self, (subscription, result): Recovered) {
         let Err(err) = result else { return };
-        tracing::warn!(channel = subscription.channel(), error = %err, "replay failed");
+        tracing::warn!(
+            conn_id = %self.socket.conn_id,
+            channel = subscription.channel(),
+            error = %err,
+            "replay failed"
+        );
         self.edge.metrics.store_error(metrics::operation::REPLAY);
         self.edge.hub.unregister(&subscription);
         let channel = subscription.channel();
