@@ -13,6 +13,7 @@
 //! With neither variable set, every call is allowed without a key, and the notifier logs a
 //! warning at start. With either set, every call needs a key.
 
+use notify_proto::auth_header::bearer_credentials;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
@@ -173,7 +174,7 @@ impl ApiKeys {
         let key = metadata
             .get("authorization")
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(bearer_credentials)
             .ok_or_else(|| Status::unauthenticated("missing API key; send the metadata authorization: Bearer <key>"))?;
         let presented = hash_key(key.trim());
 
@@ -264,6 +265,18 @@ mod tests {
         for presented in [None, Some("wrong"), Some("")] {
             let status = keys.authenticate(&metadata(presented)).expect_err("rejected");
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{presented:?}");
+        }
+    }
+
+    #[test]
+    fn bearer_scheme_ignores_case() {
+        let keys = keys();
+        for scheme in ["bearer", "BEARER", "Bearer"] {
+            let mut metadata = MetadataMap::new();
+            let value = format!("{scheme} edge-key").parse().expect("ASCII metadata");
+            metadata.insert("authorization", value);
+            let caller = keys.authenticate(&metadata);
+            assert!(matches!(caller, Ok(Caller::Edge { .. })), "{scheme}");
         }
     }
 

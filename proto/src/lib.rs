@@ -18,6 +18,7 @@
 //! - [`settings`]: parsers for setting values that both services share.
 //! - [`ratelimit`]: token-bucket rate limiters with a bounded keyed store.
 
+pub mod auth_header;
 pub mod channel;
 pub mod claims;
 pub mod entry;

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use notify_proto::auth_header::bearer_credentials;
 use notify_proto::metrics::MetricsRegistry;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
@@ -96,7 +97,7 @@ fn handshake() -> impl Filter<Extract = (Handshake,), Error = Infallible> + Clon
                         protocol_token = Some(token.to_owned());
                     }
                 }
-                let bearer = authorization.as_deref().and_then(bearer_token);
+                let bearer = authorization.as_deref().and_then(bearer_credentials).map(str::to_owned);
                 handshake.token = pick_token([query, bearer, protocol_token]);
                 handshake
             },
@@ -107,13 +108,6 @@ fn handshake() -> impl Filter<Extract = (Handshake,), Error = Infallible> + Clon
 /// does not hide a token in the `Authorization` header or the subprotocol list.
 fn pick_token(candidates: [Option<String>; 3]) -> Option<String> {
     candidates.into_iter().flatten().find(|token| !token.is_empty())
-}
-
-/// Returns the token of an `Authorization: Bearer <token>` value. The scheme is matched without
-/// regard to case, as RFC 7235 requires.
-fn bearer_token(value: &str) -> Option<String> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
 /// Returns the first `token` parameter of a query string; an undecodable string has none.
@@ -249,15 +243,5 @@ mod tests {
         assert_eq!(pick_token([token(""), None, token("p.p.p")]), token("p.p.p"));
         assert_eq!(pick_token([token("q.q.q"), token("h.h.h"), None]), token("q.q.q"));
         assert_eq!(pick_token([token(""), token(""), None]), None);
-    }
-
-    #[test]
-    fn bearer_scheme_ignores_case() {
-        for value in ["Bearer a.b.c", "bearer a.b.c", "BEARER a.b.c", "  bEaReR   a.b.c "] {
-            assert_eq!(bearer_token(value), Some("a.b.c".to_owned()), "{value:?}");
-        }
-        assert_eq!(bearer_token("Basic a.b.c"), None);
-        assert_eq!(bearer_token("Bearer"), None);
-        assert_eq!(bearer_token("Bearera.b.c"), None);
     }
 }
