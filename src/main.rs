@@ -121,7 +121,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let http = bind(args.edge_listen, "--edge-listen").await?;
     let metrics = bind(args.metrics_listen, "--metrics-listen").await?;
     let edge_config = edge_config(&args, secret.value(), grpc.local_addr()?, http.local_addr()?)?;
-    print_banner(&args, &secret, grpc.local_addr()?, http.local_addr()?)?;
+    let addrs = BannerAddrs {
+        grpc: grpc.local_addr()?,
+        http: http.local_addr()?,
+        metrics: metrics.local_addr()?,
+    };
+    print_banner(&args, &secret, addrs)?;
 
     // Run both services until a signal, then drain both.
     let stop = CancellationToken::new();
@@ -201,23 +206,22 @@ fn publish_command(grpc: SocketAddr) -> String {
     )
 }
 
-fn print_banner(
-    args: &ServeArgs,
-    secret: &dev_secret::Secret,
+/// The bound addresses the start banner shows.
+struct BannerAddrs {
     grpc: SocketAddr,
     http: SocketAddr,
-) -> anyhow::Result<()> {
+    metrics: SocketAddr,
+}
+
+fn print_banner(args: &ServeArgs, secret: &dev_secret::Secret, addrs: BannerAddrs) -> anyhow::Result<()> {
+    let BannerAddrs { grpc, http, metrics } = addrs;
     let token = notifier::cli::token(notifier::cli::TokenArgs {
         user: "dev".into(),
         ttl: DEV_TOKEN_TTL_SECS,
         channels: Vec::new(),
         secret: secret.value().to_owned(),
     })?;
-    let host = if http.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], http.port()))
-    } else {
-        http
-    };
+    let host = loopback_if_unspecified(http);
     println!();
     println!(
         "  notify is running in single-process mode (data in {})",
@@ -226,6 +230,7 @@ fn print_banner(
     println!();
     println!("  gRPC API        http://{grpc}");
     println!("  WebSocket       ws://{host}/ws");
+    println!("  Metrics         http://{}/metrics", loopback_if_unspecified(metrics));
     // A token signed with a configured secret is a real credential, and stdout often ends up in
     // a log collector, so only the development secret's token is printed.
     if let dev_secret::Secret::Development(_) = secret {
@@ -239,4 +244,14 @@ fn print_banner(
     println!("    {}", publish_command(grpc).replace("{channel}", "news"));
     println!();
     Ok(())
+}
+
+/// Returns the address a local browser or `curl` reaches a listener on: 127.0.0.1 in place of
+/// an unspecified address such as 0.0.0.0.
+fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
 }
