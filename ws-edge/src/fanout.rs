@@ -120,15 +120,19 @@ impl Fanout {
         self.running.load(Ordering::Relaxed)
     }
 
-    /// Returns whether the partition's head is as current as the edge can tell: the readers
-    /// run and the partition's last read succeeded. While its reads fail, events may be
-    /// stored that the edge has not seen, so a resume cannot know what it missed.
+    /// Returns whether the partition's head is as current as the edge can tell: its last read
+    /// succeeded. While its reads fail, events may be stored that the edge has not seen, so a
+    /// resume cannot know what it missed.
+    ///
+    /// A partition whose readers have not started yet counts as current. Its head was just
+    /// loaded from the store, and a subscriber woken by that head must not be turned away in
+    /// the moment before the readers start.
     pub fn is_current(&self, partition: u32) -> bool {
         let failing = self
             .read_failing
             .get(partition as usize)
             .is_some_and(|failing| failing.load(Ordering::Relaxed));
-        self.is_running() && !failing
+        !failing
     }
 
     /// Returns whether the edge can deliver: the readers run, and no partition has failed to
