@@ -113,9 +113,27 @@ pub fn init(service_name: &'static str) -> Telemetry {
     init_to(service_name, LogOutput::Stdout)
 }
 
+/// Crates whose `trace` level logs message contents: tungstenite logs every WebSocket frame with
+/// its payload, which includes the tokens of `auth` and `refresh` frames, and the HTTP and gRPC
+/// crates log headers, which include API keys. They are capped at `debug` whatever `RUST_LOG`
+/// says, and the exporter's own spans (from these crates) stay out of the traces too.
+const CAPPED_AT_DEBUG: [&str; 6] = ["tungstenite", "tokio_tungstenite", "hyper", "hyper_util", "h2", "tonic"];
+
+/// Adds a `debug` cap for each crate in [`CAPPED_AT_DEBUG`]. A directive for a crate is more
+/// specific than a bare level, so `RUST_LOG=trace` still gets `debug` for these crates. A
+/// `RUST_LOG` that names one of them at `trace` is overridden too, because the cap is added last.
+fn capped(mut filter: EnvFilter) -> EnvFilter {
+    for target in CAPPED_AT_DEBUG {
+        if let Ok(directive) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// Installs the logger and the span exporter like [`init`], writing the log lines to `output`.
 pub fn init_to(service_name: &'static str, output: LogOutput) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = capped(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
     let json = std::env::var(ENV_LOG_FORMAT).is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     let (exporter, exporter_error) = match exporter_requested().then(build_exporter) {
         Some(Ok(exporter)) => (Some(exporter), None),
@@ -284,6 +302,27 @@ pub fn trace_headers(span: &tracing::Span) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Returns whether an event of `target` at `level` passes `filter`.
+    fn passes(filter: &str, target_is_tungstenite: bool, level: tracing::Level) -> bool {
+        let subscriber = tracing_subscriber::registry().with(super::capped(super::EnvFilter::new(filter)));
+        tracing::subscriber::with_default(subscriber, || match (target_is_tungstenite, level) {
+            (true, tracing::Level::TRACE) => tracing::enabled!(target: "tungstenite::protocol", tracing::Level::TRACE),
+            (true, _) => tracing::enabled!(target: "tungstenite::protocol", tracing::Level::DEBUG),
+            (false, _) => tracing::enabled!(target: "ws_edge::session", tracing::Level::TRACE),
+        })
+    }
+
+    #[test]
+    fn message_logging_crates_stop_at_debug() {
+        for filter in ["trace", "tungstenite=trace", "trace,tungstenite=trace"] {
+            assert!(!passes(filter, true, tracing::Level::TRACE), "{filter}");
+            assert!(passes(filter, true, tracing::Level::DEBUG), "{filter}");
+        }
+        assert!(passes("trace", false, tracing::Level::TRACE), "other crates keep trace");
+    }
+
     use super::*;
 
     #[test]
