@@ -44,6 +44,9 @@ pub async fn run(
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .map(move || metrics_reply(&registry));
+    // NOTE: warp 0.4.3 sets no header read timeout, so a client that connects and sends nothing
+    // holds a file descriptor until it goes away. Keep this listener inside the cluster; the
+    // edge serves its public port through an accept loop of its own for this reason.
     warp::serve(healthz.or(readyz).or(metrics))
         .incoming(listener)
         .graceful(stop)

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use notify_proto::telemetry::throttle::{self, LogThrottle};
 use tokio::net::TcpListener;
 use warp::filters::BoxedFilter;
 use warp::http::Request;
@@ -20,6 +21,9 @@ use warp::reply::Response;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error such as too many open files, so that the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Accept errors repeat every [`ACCEPT_ERROR_PAUSE`] while file descriptors run out, so their
+/// warning is rate-limited.
+static ACCEPT_FAILED_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
 
 /// The client's address, in each request's extensions; [`client_addr`] reads it.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +49,9 @@ pub async fn serve(listener: TcpListener, routes: BoxedFilter<(Response,)>, stop
         let (stream, remote) = match accepted {
             Ok(pair) => pair,
             Err(err) => {
-                tracing::warn!(error = %err, "accepting a connection failed");
+                if let Some(suppressed) = ACCEPT_FAILED_LOG.allow() {
+                    tracing::warn!(error = %err, suppressed, "accepting a connection failed");
+                }
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }

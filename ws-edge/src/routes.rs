@@ -210,8 +210,11 @@ pub async fn serve_metrics(
             header::CONTENT_TYPE,
             notify_proto::metrics::CONTENT_TYPE,
         )
+        .into_response()
     });
-    warp::serve(metrics).incoming(listener).graceful(stop).run().await;
+    // The edge's own accept loop, for its header read timeout: a client that opens a connection
+    // and sends nothing is disconnected after `http::HEADER_READ_TIMEOUT`.
+    crate::http::serve(listener, metrics.boxed(), stop).await;
 }
 
 /// Returns 200 while the stream reader runs and the edge is not draining, else 503.
