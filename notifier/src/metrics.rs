@@ -58,6 +58,9 @@ pub mod publish_result {
     pub const SHUTTING_DOWN: &str = "shutting_down";
     /// Any other gRPC error.
     pub const OTHER: &str = "other";
+    /// The caller went away (cancelled, or its deadline passed) before the reply. Its event may
+    /// still have been stored and delivered.
+    pub const CANCELLED: &str = "cancelled";
 }
 
 /// `operation` values of `store_errors_total` and `stream_errors_total`.
@@ -167,6 +170,16 @@ impl Metrics {
         }
     }
 
+    /// Starts counting one publish call: [`PublishCall::finish`] records its result, and a call
+    /// dropped before that, because its caller went away, counts as `cancelled`.
+    pub fn publish_call(&self) -> PublishCall<'_> {
+        PublishCall {
+            metrics: self,
+            received: std::time::Instant::now(),
+            finished: false,
+        }
+    }
+
     /// Counts a failed call to the store of record.
     pub fn store_error(&self, operation: &'static str) {
         self.store_errors.get_or_create(&OperationLabel { operation }).inc();
@@ -180,6 +193,30 @@ impl Metrics {
     /// Reports the depth of these publish queues on each scrape. Only the first call has effect.
     pub fn watch_queues(&self, queues: QueueWatch) {
         let _ = self.queues.watch.set(queues);
+    }
+}
+
+/// One publish call being counted; see [`Metrics::publish_call`].
+pub struct PublishCall<'a> {
+    metrics: &'a Metrics,
+    received: std::time::Instant,
+    finished: bool,
+}
+
+impl PublishCall<'_> {
+    /// Records the call's result and its duration.
+    pub fn finish(mut self, result: &'static str) {
+        self.metrics.record_publish(result, self.received.elapsed());
+        self.finished = true;
+    }
+}
+
+impl Drop for PublishCall<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics
+                .record_publish(publish_result::CANCELLED, self.received.elapsed());
+        }
     }
 }
 
@@ -265,6 +302,22 @@ mod tests {
             "notify_notifier_publish_duration_seconds_bucket{le=\"0.005\"} 1",
             "notify_notifier_publish_duration_seconds_bucket{le=\"0.0025\"} 0",
             "notify_notifier_store_errors_total{operation=\"commit\"} 1",
+        ] {
+            assert!(text.lines().any(|got| got == line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn dropped_publish_call_counts_as_cancelled() {
+        let registry = MetricsRegistry::new();
+        let metrics = Metrics::register(&registry);
+        metrics.publish_call().finish(publish_result::OK);
+        drop(metrics.publish_call());
+        let text = registry.encode();
+        for line in [
+            "notify_notifier_publish_requests_total{result=\"ok\"} 1",
+            "notify_notifier_publish_requests_total{result=\"cancelled\"} 1",
+            "notify_notifier_publish_duration_seconds_count 1",
         ] {
             assert!(text.lines().any(|got| got == line), "missing {line:?} in\n{text}");
         }

@@ -9,7 +9,6 @@ use notify_proto::pb::{
     HeadsRequest, HeadsResponse, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
     ReadPartitionRequest, ReadPartitionResponse,
 };
-use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -128,21 +127,25 @@ impl NotifierService {
 #[tonic::async_trait]
 impl Notifier for NotifierService {
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
-        let received = Instant::now();
+        // Counts the call as `cancelled` if tonic drops this future because the caller went away.
+        let call = self.metrics.publish_call();
         let authorized = self
             .authenticate(&request, "Publish")
             .and_then(|caller| caller.may_publish(&request.get_ref().channel).map(|()| caller));
-        let caller = authorized.inspect_err(|status| {
-            let result = metrics::status_result(status.code());
-            self.metrics.record_publish(result, received.elapsed());
-        })?;
+        let caller = match authorized {
+            Ok(caller) => caller,
+            Err(status) => {
+                call.finish(metrics::status_result(status.code()));
+                return Err(status);
+            }
+        };
         let published = self.publish_checked(request, &caller).await;
         let result = match &published {
             Ok(response) if response.duplicate => metrics::publish_result::DUPLICATE,
             Ok(_) => metrics::publish_result::OK,
             Err(err) => metrics::error_result(err),
         };
-        self.metrics.record_publish(result, received.elapsed());
+        call.finish(result);
         published.map(Response::new).map_err(Status::from)
     }
 
