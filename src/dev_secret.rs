@@ -14,7 +14,7 @@ const FILE_NAME: &str = "dev-secret";
 /// Length of a generated secret in bytes, before hex encoding.
 const SECRET_BYTES: usize = 32;
 
-/// Where the token secret came from.
+/// Source of the token secret.
 pub enum Secret {
     /// `JWT_SECRET` or `--jwt-secret`.
     Configured(String),

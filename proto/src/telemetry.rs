@@ -77,7 +77,7 @@ impl Telemetry {
     }
 }
 
-/// Where the log lines go.
+/// Destination of the log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogOutput {
     /// Standard output, which container platforms collect: the services.
@@ -116,7 +116,7 @@ pub fn init(service_name: &'static str) -> Telemetry {
 /// Crates whose `trace` level logs message contents: tungstenite logs every WebSocket frame with
 /// its payload, which includes the tokens of `auth` and `refresh` frames, and the HTTP and gRPC
 /// crates log headers, which include API keys. They are capped at `debug` whatever `RUST_LOG`
-/// says, and the exporter's own spans (from these crates) stay out of the traces too.
+/// sets, and the exporter's own spans (from these crates) stay out of the traces too.
 const CAPPED_AT_DEBUG: [&str; 6] = ["tungstenite", "tokio_tungstenite", "hyper", "hyper_util", "h2", "tonic"];
 
 /// Adds a `debug` cap for each crate in [`CAPPED_AT_DEBUG`]. A directive for a crate is more

@@ -103,16 +103,16 @@ impl Client {
     /// Subscribes to a channel and returns the `subscribed` frame.
     ///
     /// # Errors
-    /// Fails when the server answers with anything else.
+    /// Fails when the server replies with any other frame.
     pub async fn subscribe(&mut self, channel: &str) -> anyhow::Result<Value> {
         self.send(json!({"type": "subscribe", "channel": channel})).await?;
         self.expect_type("subscribed").await
     }
 
-    /// Subscribes with a resume position and returns the answer, whatever its type.
+    /// Subscribes with a resume position and returns the reply, whatever its type.
     ///
     /// # Errors
-    /// Fails when no answer arrives.
+    /// Fails when no reply arrives.
     pub async fn subscribe_since(&mut self, channel: &str, since: Value) -> anyhow::Result<Value> {
         self.send(json!({"type": "subscribe", "channel": channel, "since": since}))
             .await?;
@@ -131,7 +131,7 @@ impl Client {
         Ok(frame)
     }
 
-    /// Checks that nothing but the answer to a ping is waiting: sends a ping and requires the
+    /// Checks that nothing but the reply to a ping is waiting: sends a ping and requires the
     /// next frame to be `pong`.
     ///
     /// # Errors

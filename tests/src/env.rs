@@ -355,7 +355,7 @@ pub async fn publisher_at(addr: SocketAddr) -> anyhow::Result<NotifierClient<Cha
     Ok(NotifierClient::connect(format!("http://{addr}")).await?)
 }
 
-/// Checks that the shared PostgreSQL and Redis answer.
+/// Checks that the shared PostgreSQL and Redis are reachable.
 ///
 /// # Errors
 /// Fails when either is unreachable, naming its URL.

@@ -35,24 +35,24 @@ pub fn claims(user: &str, channels: &[&str]) -> Claims {
     }
 }
 
-/// A valid token for `user` granting `channels`.
+/// Returns a valid token for `user` that grants `channels`.
 pub fn valid(user: &str, channels: &[&str]) -> String {
     sign(&claims(user, channels), JWT_SECRET)
 }
 
-/// A token signed with another secret.
+/// Returns a token signed with another secret.
 pub fn bad_signature(user: &str) -> String {
     sign(&claims(user, &[]), "not-the-deployment-secret-0123456789")
 }
 
-/// A token that expired a minute ago, beyond any reasonable leeway.
+/// Returns a token that expired a minute ago, beyond any reasonable leeway.
 pub fn expired(user: &str) -> String {
     let mut claims = claims(user, &[]);
     claims.exp = now() - 60;
     sign(&claims, JWT_SECRET)
 }
 
-/// An unsigned token with header `{"alg":"none"}`.
+/// Returns an unsigned token with header `{"alg":"none"}`.
 pub fn alg_none(user: &str) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;

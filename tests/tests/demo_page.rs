@@ -72,7 +72,7 @@ async fn demo_page_shows_published_event() -> anyhow::Result<()> {
         "page shows {command:?}, expected it to contain {expected:?}"
     );
 
-    // Publish with the command-line client, as the page tells a user to.
+    // Publish with the command-line client, as the page shows a user.
     let cli = binaries::path("notify-standalone").await?;
     let grpc = format!("http://{}", env.grpc);
     let args = [

@@ -39,7 +39,7 @@ pub struct Delivery {
     pub committed_ms: i64,
 }
 
-/// What [`Subscription::offer`] did with an event.
+/// Outcome of [`Subscription::offer`] for an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Offered {
     /// Queued to the socket, or buffered while the subscription recovers.

@@ -587,13 +587,12 @@ fn read_error_ending(err: &tungstenite::Error) -> Ending {
     }
 }
 
-/// Waits for the writer to send its close frame, and aborts it when that takes too long.
 /// Reads and discards client frames until the client's close frame arrives, for at most
 /// [`CLOSE_LINGER`], after the server sent its own close frame.
 ///
 /// Closing the TCP connection while the client's frames are still unread makes the kernel reset
 /// it, and a reset discards the server's close frame if the client has not read it yet. A client
-/// flooding the socket then sees a reset instead of its close code.
+/// flooding the socket would then get a reset instead of its close code.
 async fn await_close_reply<S>(stream: &mut S)
 where
     S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
@@ -608,6 +607,7 @@ where
     let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
 }
 
+/// Waits for the writer to send its close frame, and aborts it when that takes too long.
 async fn finish_writer(mut writer: JoinHandle<Result<Ending, WriteError>>) -> Result<Ending, WriteError> {
     match tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
         Ok(joined) => joined.unwrap_or_else(|err| Err(WriteError::Failed(err.to_string()))),

@@ -119,7 +119,7 @@ pub fn channels_in(partition: u32, partitions: u32, count: usize) -> Vec<String>
 pub const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A stream writer that forwards to another one, fails every call while `failing` is set, and
-/// holds every append while `hanging` is set, like a Redis stopped with SIGSTOP.
+/// blocks every append while `hanging` is set, like a Redis stopped with SIGSTOP.
 pub struct FlakyLog<L> {
     pub inner: L,
     pub failing: AtomicBool,

@@ -11,7 +11,7 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 ///
 /// Typical use, as a `static` per call site:
 /// `if let Some(suppressed) = THROTTLE.allow() { tracing::warn!(suppressed, ...) }`, so the
-/// line that gets through says how many were left out since the previous one.
+/// line that gets through reports how many were left out since the previous one.
 #[derive(Debug)]
 pub struct LogThrottle {
     interval: Duration,
