@@ -1,17 +1,22 @@
 //! The HTTP accept loop, in place of `warp::serve`: warp 0.4.3 sets no timer on hyper's
 //! connection builder, so a client that never finishes its request headers would hold its
 //! connection open forever. Here each connection gets hyper's `header_read_timeout`.
+//!
+//! Connections are served by hyper's HTTP/1 builder over a `TokioIo<TcpStream>`, so that an
+//! upgraded WebSocket connection can be taken back as its TCP stream (see [`crate::upgrade`]).
+//! WebSocket upgrades need HTTP/1.1 anyway.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use notify_proto::telemetry::throttle::{self, LogThrottle};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
 use warp::http::Request;
 use warp::reply::Response;
@@ -39,7 +44,7 @@ pub fn client_addr() -> impl warp::Filter<Extract = (Option<SocketAddr>,), Error
 /// the requests in progress. Upgraded WebSocket connections are no longer the server's by then,
 /// so the caller bounds this wait and drains the sockets itself.
 pub async fn serve(listener: TcpListener, routes: BoxedFilter<(Response,)>, stop: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
+    let (connections, stopping) = (TaskTracker::new(), CancellationToken::new());
     let mut stop = std::pin::pin!(stop);
     loop {
         let accepted = tokio::select! {
@@ -56,24 +61,39 @@ pub async fn serve(listener: TcpListener, routes: BoxedFilter<(Response,)>, stop
                 continue;
             }
         };
+        // Frames are written as soon as they are ready; Nagle's algorithm would hold small ones
+        // back until the client acknowledges the previous write.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(client.addr = %remote, error = %err, "could not disable Nagle's algorithm");
+        }
         let service = TowerToHyperService::new(warp::service(routes.clone()));
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ClientAddr(remote));
             hyper::service::Service::call(&service, request)
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
+        let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let stopping = stopping.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stopping.cancelled() => {
+                    // Finishes the request in progress, then closes; an upgrade is already ours.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
                 tracing::debug!(client.addr = %remote, error = %err, "HTTP connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.cancel();
+    connections.close();
+    connections.wait().await;
 }

@@ -149,9 +149,12 @@ fn open_socket(upgrade: Upgrade, handshake: Handshake, remote: Option<SocketAddr
         user_id = tracing::field::Empty,
         conn_id = tracing::field::Empty,
     );
-    let (config, sessions) = (edge.socket_config, edge.sessions.clone());
-    let mut response =
-        span.in_scope(|| upgrade.respond(config, &sessions, move |socket| session::run(socket, edge, token, slot)));
+    let (config, limits, sessions) = (edge.socket_config, edge.limits.queue, edge.sessions.clone());
+    let mut response = span.in_scope(|| {
+        upgrade.respond(config, limits, &sessions, move |connection| {
+            session::run(connection, edge, token, slot)
+        })
+    });
     // Echo only the protocol name, because the `bearer.` entry contains the token.
     if handshake.notify_subprotocol && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         response.headers_mut().insert(
