@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use notify_proto::frame::FrameOptions;
 use notify_proto::history::HistoryStore;
+use notify_proto::http_server::{self, ConnectionLimits};
 use notify_proto::log::LogReader;
 use notify_proto::metrics::MetricsRegistry;
 use tokio::net::TcpListener;
@@ -23,11 +24,12 @@ use crate::demo::DemoConfig;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::metrics::listener;
 use crate::origin::OriginPolicy;
 use crate::outbound::QueueLimits;
 use crate::recent::RecentLimits;
 use crate::recovery::Recovery;
-use crate::{http, routes, upgrade};
+use crate::{routes, upgrade};
 
 /// Per-socket limits taken from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -172,7 +174,13 @@ pub async fn serve(
             .local_addr()
             .context("read the metrics listener's address")?;
         let stop = edge.shutdown.clone().cancelled_owned();
-        tokio::spawn(routes::serve_metrics(metrics_listener, registry.clone(), stop));
+        let rejected = edge.metrics.http_connections_rejected(listener::METRICS);
+        tokio::spawn(routes::serve_metrics(
+            metrics_listener,
+            registry.clone(),
+            rejected,
+            stop,
+        ));
         tracing::info!(service = "metrics", addr = %metrics_addr, "listening");
     }
 
@@ -187,9 +195,12 @@ pub async fn serve(
     // Serve until the signal. The listener stays open during the drain and returns 503 to
     // upgrades and to `/readyz`, then closes when the drain ends.
     let server_stop = CancellationToken::new();
-    let routes = routes::routes(edge.clone()).map(Reply::into_response).boxed();
+    let routes = warp::service(routes::routes(edge.clone()).map(Reply::into_response).boxed());
+    // TODO: cap the connections that have not upgraded yet; this accept loop does not.
+    let limits = ConnectionLimits::new(usize::MAX, edge.metrics.http_connections_rejected(listener::HTTP));
     tracing::info!(service = "http", addr = %addr, "listening");
-    let mut server = tokio::spawn(http::serve(listener, routes, server_stop.clone().cancelled_owned()));
+    let stop = server_stop.clone().cancelled_owned();
+    let mut server = tokio::spawn(http_server::serve(listener, routes, limits, stop));
     tokio::select! {
         () = shutdown => {}
         result = &mut server => {
