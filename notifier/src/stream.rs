@@ -6,7 +6,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
 use notify_proto::channel::stream_key;
-use notify_proto::entry::{encode_fields, entry_id, seq_of};
+use notify_proto::entry::{self, encode_fields, entry_id};
 use notify_proto::log::{AppendReport, LogError, LogWriter};
 use notify_proto::pb::Event;
 use redis::{AsyncConnectionConfig, RedisError, RedisResult, Value};
@@ -114,19 +114,14 @@ impl LogWriter for RedisLog {
     /// Reads the last entry with `XREVRANGE <key> + - COUNT 1`.
     async fn last_seq(&self, partition: u32) -> Result<u64, LogError> {
         let mut connection = self.pool.get().await.map_err(unavailable)?;
+        let key = stream_key(&self.prefix, partition);
         let entries: Vec<(String, Value)> = redis::cmd("XREVRANGE")
-            .arg(stream_key(&self.prefix, partition))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
+            .arg(&key)
+            .arg(&["+", "-", "COUNT", "1"])
             .query_async(&mut connection)
             .await
             .map_err(unavailable)?;
-        match entries.first() {
-            None => Ok(0),
-            Some((id, _)) => seq_of(id).map_err(|err| LogError::Unavailable(err.to_string())),
-        }
+        entry::last_seq(&key, entries.first().map(|(id, _)| id.as_str()))
     }
 }
 

@@ -149,7 +149,7 @@ impl Upgrade {
                 Ok(upgraded) => upgraded,
                 Err(err) => return tracing::debug!(error = %err, "websocket upgrade failed"),
             };
-            // The accept loop serves every connection as a `TokioIo<TcpStream>` (see `crate::http`).
+            // The accept loop serves every connection as a `TokioIo<TcpStream>` (see `notify_proto::http_server`).
             let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => parts,
                 Err(_) => return tracing::error!("websocket upgrade of a connection that is not TCP; dropped"),
