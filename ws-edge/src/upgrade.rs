@@ -71,6 +71,9 @@ impl AsyncRead for ClientIo {
         let len = this.early.len().min(buf.remaining());
         buf.put_slice(&this.early[..len]);
         this.early.advance(len);
+        if this.early.is_empty() {
+            this.early = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -149,7 +152,8 @@ impl Upgrade {
                 Ok(upgraded) => upgraded,
                 Err(err) => return tracing::debug!(error = %err, "websocket upgrade failed"),
             };
-            // The accept loop serves every connection as a `TokioIo<TcpStream>` (see `notify_proto::http_server`).
+            // The accept loop serves every connection as a `TokioIo<TcpStream>`, see
+            // `notify_proto::http_server`.
             let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => parts,
                 Err(_) => return tracing::error!("websocket upgrade of a connection that is not TCP; dropped"),
@@ -158,7 +162,7 @@ impl Upgrade {
             let queue = Arc::new(Outbound::with_wire(limits, Wire::new(write)));
             let io = ClientIo {
                 read,
-                early: parts.read_buf,
+                early: detach(parts.read_buf),
                 queue: queue.clone(),
             };
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
@@ -172,6 +176,17 @@ impl Upgrade {
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         response
+    }
+}
+
+/// Returns `early` in an allocation of its own. hyper hands over the bytes it read past the
+/// handshake as a view of its read buffer, at least 8 KiB, which would otherwise stay allocated
+/// for as long as the socket is open, even when the view is empty.
+fn detach(early: Bytes) -> Bytes {
+    if early.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&early)
     }
 }
 
