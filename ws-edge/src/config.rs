@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long = "edge-listen", env = "EDGE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
+    /// Binds `EDGE_LISTEN` with `SO_REUSEPORT` (Linux), so that a replacement edge on the same
+    /// host can listen on the same port before this one drains. The drain then closes the
+    /// listener at once, so that new connections go to the replacement.
+    #[arg(long = "edge-listen-reuseport", env = "EDGE_LISTEN_REUSEPORT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub listen_reuseport: bool,
+
     /// Address of the listener that serves the Prometheus metrics at `/metrics`.
     #[arg(long = "edge-metrics-listen", env = "EDGE_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
@@ -271,6 +277,7 @@ impl Config {
     pub fn with_secret(jwt_secret: impl Into<String>) -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen_reuseport: false,
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             jwt_secret: Some(jwt_secret.into()),
             jwks_url: None,

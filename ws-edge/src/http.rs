@@ -14,7 +14,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use notify_proto::telemetry::throttle::{self, LogThrottle};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::filters::BoxedFilter;
@@ -30,6 +30,44 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// warning is rate-limited.
 static ACCEPT_FAILED_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
 
+/// Pending connections the kernel queues for `accept`, as in `tokio::net::TcpListener::bind`.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the edge's listener on `addr`, with `SO_REUSEADDR` as `TcpListener::bind` sets it, and
+/// with `SO_REUSEPORT` when `reuseport` is set. With `SO_REUSEPORT` several processes can listen
+/// on one port, and Linux spreads new connections over their listeners by a hash of the
+/// connection's addresses, so a replacement edge can start before the old one drains.
+///
+/// # Errors
+/// Fails when the address is in use by a listener without `SO_REUSEPORT` (or of another user),
+/// or when the platform has no `SO_REUSEPORT`.
+pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuseport {
+        set_reuseport(&socket)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))))]
+fn set_reuseport(socket: &TcpSocket) -> std::io::Result<()> {
+    socket.set_reuseport(true)
+}
+
+#[cfg(not(all(unix, not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin")))))]
+fn set_reuseport(_socket: &TcpSocket) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "SO_REUSEPORT is not available on this platform; unset EDGE_LISTEN_REUSEPORT",
+    ))
+}
+
 /// The client's address, in each request's extensions; [`client_addr`] reads it.
 #[derive(Debug, Clone, Copy)]
 struct ClientAddr(SocketAddr);
@@ -40,10 +78,16 @@ pub fn client_addr() -> impl warp::Filter<Extract = (Option<SocketAddr>,), Error
     warp::ext::optional::<ClientAddr>().map(|addr: Option<ClientAddr>| addr.map(|ClientAddr(addr)| addr))
 }
 
-/// Serves `routes` on `listener` until `stop` resolves, then closes the listener and waits for
-/// the requests in progress. Upgraded WebSocket connections are no longer the server's by then,
-/// so the caller bounds this wait and drains the sockets itself.
-pub async fn serve(listener: TcpListener, routes: BoxedFilter<(Response,)>, stop: impl Future<Output = ()>) {
+/// Serves `routes` on `listener` until `stop` resolves, then closes the listener, cancels
+/// `listener_closed`, and waits for the requests in progress. Upgraded WebSocket connections
+/// are no longer the server's by then, so the caller bounds this wait and drains the sockets
+/// itself.
+pub async fn serve(
+    listener: TcpListener,
+    routes: BoxedFilter<(Response,)>,
+    stop: impl Future<Output = ()>,
+    listener_closed: CancellationToken,
+) {
     let (connections, stopping) = (TaskTracker::new(), CancellationToken::new());
     let mut stop = std::pin::pin!(stop);
     loop {
@@ -93,6 +137,7 @@ pub async fn serve(listener: TcpListener, routes: BoxedFilter<(Response,)>, stop
         });
     }
     drop(listener);
+    listener_closed.cancel();
     stopping.cancel();
     connections.close();
     connections.wait().await;

@@ -217,7 +217,13 @@ pub async fn serve_metrics(
     });
     // The edge's own accept loop, for its header read timeout: a client that opens a connection
     // and sends nothing is disconnected after `http::HEADER_READ_TIMEOUT`.
-    crate::http::serve(listener, metrics.boxed(), stop).await;
+    crate::http::serve(
+        listener,
+        metrics.boxed(),
+        stop,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
 }
 
 /// Returns 200 while the stream reader runs and the edge is not draining, else 503.

@@ -150,8 +150,8 @@ fn admission_limits(config: &Config) -> AdmissionLimits {
 /// Logs `listening` with `service = "http"` (and `service = "metrics"`) and the bound address
 /// once it serves. On shutdown it closes every socket with 1012 after the frames already queued
 /// and waits up to `SHUTDOWN_GRACE` for them, while the listener returns 503 to new upgrades
-/// and to `/readyz`; then it closes the listener. The metrics listener stops when the drain
-/// starts.
+/// and to `/readyz`; then it closes the listener. With `EDGE_LISTEN_REUSEPORT` the listener
+/// closes when the drain starts instead. The metrics listener stops when the drain starts.
 ///
 /// # Errors
 /// Fails when a setting is invalid or the HTTP server stops on its own.
@@ -186,10 +186,11 @@ pub async fn serve(
 
     // Serve until the signal. The listener stays open during the drain and returns 503 to
     // upgrades and to `/readyz`, then closes when the drain ends.
-    let server_stop = CancellationToken::new();
+    let (server_stop, listener_closed) = (CancellationToken::new(), CancellationToken::new());
     let routes = routes::routes(edge.clone()).map(Reply::into_response).boxed();
     tracing::info!(service = "http", addr = %addr, "listening");
-    let mut server = tokio::spawn(http::serve(listener, routes, server_stop.clone().cancelled_owned()));
+    let stop = server_stop.clone().cancelled_owned();
+    let mut server = tokio::spawn(http::serve(listener, routes, stop, listener_closed.clone()));
     tokio::select! {
         () = shutdown => {}
         result = &mut server => {
@@ -197,6 +198,15 @@ pub async fn serve(
             let _ = fanout.await;
             anyhow::bail!("the HTTP server stopped without a shutdown signal: {result:?}");
         }
+    }
+
+    // With SO_REUSEPORT a replacement edge may listen on the same port. Closing this listener
+    // before the sockets get 1012 sends their reconnects to it, instead of half of them to this
+    // edge's 503. Connections still in this listener's accept queue are reset and retried.
+    if config.listen_reuseport {
+        server_stop.cancel();
+        listener_closed.cancelled().await;
+        tracing::info!(addr = %addr, "listener closed for the drain");
     }
 
     // Drain: the sockets close with 1012 as soon as the token is cancelled.
