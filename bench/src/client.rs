@@ -50,7 +50,7 @@ pub const RECONNECT_FIRST_STEP: Duration = Duration::from_millis(500);
 /// Default largest reconnect step.
 pub const RECONNECT_MAX_STEP: Duration = Duration::from_secs(4);
 /// Default window of the first reconnect after a 1012 close; see [`Backoff::restart_window`].
-pub const RESTART_RECONNECT_WINDOW: Duration = Duration::ZERO;
+pub const RESTART_RECONNECT_WINDOW: Duration = Duration::from_millis(250);
 /// Extra time the first connects of a fleet may take for retries.
 const CONNECT_RETRY_SLACK: Duration = Duration::from_secs(60);
 /// Latency and counter shards; sockets are spread over them so that two cores rarely contend.
