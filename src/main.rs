@@ -195,6 +195,9 @@ fn edge_config(args: &ServeArgs, secret: &str, grpc: SocketAddr, http: SocketAdd
     .context("read the edge settings from the environment")?;
     let mut config = command.config;
     config.demo_publish_command = publish_command(grpc);
+    // This process bound the listener itself, without SO_REUSEPORT: a second single-process
+    // server would have a store of its own, so it cannot take over this one's sockets.
+    config.listen_reuseport = false;
     Ok(config)
 }
 

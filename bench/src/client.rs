@@ -49,6 +49,8 @@ pub const MAX_RECONNECT_ATTEMPTS: u32 = 30;
 pub const RECONNECT_FIRST_STEP: Duration = Duration::from_millis(500);
 /// Default largest reconnect step.
 pub const RECONNECT_MAX_STEP: Duration = Duration::from_secs(4);
+/// Default window of the first reconnect after a 1012 close; see [`Backoff::restart_window`].
+pub const RESTART_RECONNECT_WINDOW: Duration = Duration::from_millis(250);
 /// Extra time the first connects of a fleet may take for retries.
 const CONNECT_RETRY_SLACK: Duration = Duration::from_secs(60);
 /// Latency and counter shards; sockets are spread over them so that two cores rarely contend.
@@ -86,6 +88,10 @@ pub struct Backoff {
     pub first_step: Duration,
     /// Largest step.
     pub max_step: Duration,
+    /// Window of the first attempt after a 1012 close (the edge restarts): its delay is drawn
+    /// between zero and this window, so that the sockets of a draining edge do not all arrive
+    /// at once. Zero: the first attempt goes at once.
+    pub restart_window: Duration,
 }
 
 impl Default for Backoff {
@@ -93,6 +99,7 @@ impl Default for Backoff {
         Self {
             first_step: RECONNECT_FIRST_STEP,
             max_step: RECONNECT_MAX_STEP,
+            restart_window: RESTART_RECONNECT_WINDOW,
         }
     }
 }
@@ -200,6 +207,8 @@ pub struct SocketReport {
     pub closes: HashMap<u16, u64>,
     /// When the socket had every event up to the catch-up target.
     pub caught_up_at: Option<Instant>,
+    /// When the socket last got its `subscribed` frame after a reconnect.
+    pub resubscribed_at: Option<Instant>,
     /// Whether the socket stopped reconnecting after [`MAX_RECONNECT_ATTEMPTS`].
     pub gave_up: bool,
 }
@@ -534,7 +543,7 @@ async fn run_socket(shared: Arc<Shared>, index: usize, ready_tx: mpsc::Sender<Re
 
     // The first connect retries like a reconnect, so that a server's handshake rate limit
     // (HTTP 429) delays sockets instead of failing them.
-    let (first, attempts) = connect_with_backoff(&shared, &mut socket, true).await;
+    let (first, attempts) = connect_with_backoff(&shared, &mut socket, Some(Duration::ZERO)).await;
     socket.report.connect_retries = attempts.failures;
     let Some(mut connection) = first else {
         let error = attempts.last_error.unwrap_or_else(|| "cancelled".to_owned());
@@ -558,12 +567,14 @@ async fn run_socket(shared: Arc<Shared>, index: usize, ready_tx: mpsc::Sender<Re
         if !shared.config.reconnect {
             return socket.report;
         }
-        let (next, attempts) = connect_with_backoff(&shared, &mut socket, code == SERVICE_RESTART).await;
+        let first_window = (code == SERVICE_RESTART).then_some(shared.config.backoff.restart_window);
+        let (next, attempts) = connect_with_backoff(&shared, &mut socket, first_window).await;
         socket.report.failed_reconnects += attempts.failures;
         socket.report.gave_up = attempts.exhausted;
         match next {
             Some(next) => {
                 socket.report.reconnects += 1;
+                socket.report.resubscribed_at = Some(Instant::now());
                 connection = next;
             }
             None => return socket.report,
@@ -610,19 +621,26 @@ struct Attempts {
 
 /// Connects and subscribes with exponential backoff and full jitter: each delay is drawn between
 /// zero and a step that starts at the fleet's [`Backoff::first_step`] and doubles up to its
-/// [`Backoff::max_step`]. With `at_once` the first attempt goes without delay, as the protocol
-/// recommends after a 1012 close (the edge restarts). Returns `None` after [`MAX_RECONNECT_ATTEMPTS`]
-/// failed attempts or when the fleet is cancelled.
-async fn connect_with_backoff(shared: &Shared, socket: &mut Socket, at_once: bool) -> (Option<Connection>, Attempts) {
+/// [`Backoff::max_step`]. With `first_window` the first attempt's delay is drawn between zero
+/// and that window instead: zero for a first connect, [`Backoff::restart_window`] after a 1012
+/// close (the edge restarts). Returns `None` after [`MAX_RECONNECT_ATTEMPTS`] failed attempts or
+/// when the fleet is cancelled.
+async fn connect_with_backoff(
+    shared: &Shared,
+    socket: &mut Socket,
+    first_window: Option<Duration>,
+) -> (Option<Connection>, Attempts) {
     let mut attempts = Attempts::default();
-    let Backoff { first_step, max_step } = shared.config.backoff;
+    let Backoff {
+        first_step, max_step, ..
+    } = shared.config.backoff;
     let mut step = first_step;
     for attempt in 0..MAX_RECONNECT_ATTEMPTS {
-        let delay = if at_once && attempt == 0 {
-            Duration::ZERO
-        } else {
-            rand::rng().random_range(Duration::ZERO..=step)
+        let window = match first_window {
+            Some(window) if attempt == 0 => window,
+            _ => step,
         };
+        let delay = rand::rng().random_range(Duration::ZERO..=window);
         tokio::select! {
             _ = shared.cancel.cancelled() => return (None, attempts),
             _ = tokio::time::sleep(delay) => {}

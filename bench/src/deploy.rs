@@ -23,6 +23,8 @@ pub const DEFAULT_ADMIN_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432
 pub const JWT_SECRET: &str = "bench-secret-with-enough-entropy-0123456789";
 /// Default number of stream partitions.
 pub const DEFAULT_PARTITIONS: u32 = 16;
+/// Line the edge logs when its stream reader runs, from which on its `/readyz` returns 200.
+const STREAM_READER_RUNNING: &str = "stream reader running";
 /// Attempts at starting redis-server on a free port, or the edge again on its old port.
 const START_ATTEMPTS: u32 = 5;
 
@@ -91,17 +93,26 @@ pub struct DeployOptions {
     pub service_env: Vec<(String, String)>,
     /// `RUST_LOG` of the service processes.
     pub rust_log: String,
+    /// Whether the edge binds its port with `SO_REUSEPORT`, which a rolling restart needs.
+    pub edge_reuseport: bool,
 }
 
 /// Timings of an edge restart.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Restart {
+    /// Whether the new edge started and became ready before the old one got SIGTERM.
+    pub rolling: bool,
     /// Time from SIGTERM to the old edge's exit, in milliseconds.
     pub stopped_after_ms: f64,
-    /// Time from SIGTERM to the new edge's `listening` line, in milliseconds.
+    /// Time from SIGTERM until the new edge was ready, in milliseconds: its `listening` line
+    /// after a stop and start, and its `stream reader running` line (when `/readyz` turns 200)
+    /// in a rolling restart, where the value is negative because that came before SIGTERM.
     pub listening_after_ms: f64,
     /// Whether the old edge exited by itself within the grace period.
     pub graceful: bool,
+    /// When the old edge got SIGTERM.
+    #[serde(skip)]
+    pub sigterm_at: Instant,
 }
 
 /// A running system under test.
@@ -116,6 +127,7 @@ pub struct Deployment {
     pub publish: PublishTarget,
     edge: Option<Process>,
     edge_launch: Option<Launch>,
+    edge_reuseport: bool,
     others: Vec<Process>,
     redis: Option<Process>,
     database: Option<Database>,
@@ -172,11 +184,9 @@ impl Deployment {
     /// # Errors
     /// Fails when no edge runs or the new edge does not start.
     pub async fn restart_edge(&mut self, grace: Duration) -> anyhow::Result<Restart> {
-        let (Some(mut edge), Some(mut launch)) = (self.edge.take(), self.edge_launch.clone()) else {
+        let (Some(mut edge), Some(launch)) = (self.edge.take(), self.replacement_launch()) else {
             bail!("no edge runs in this deployment");
         };
-        // The new edge logs to a file of its own, so the old edge's log is kept.
-        launch.log_path.set_extension("restarted.log");
         let started = Instant::now();
         let graceful = edge.terminate(grace).await?;
         let stopped_after = started.elapsed();
@@ -197,10 +207,59 @@ impl Deployment {
         };
         self.edge = Some(edge);
         Ok(Restart {
+            rolling: false,
             stopped_after_ms: stopped_after.as_secs_f64() * 1000.0,
             listening_after_ms: started.elapsed().as_secs_f64() * 1000.0,
             graceful,
+            sigterm_at: started,
         })
+    }
+
+    /// Restarts the edge the way a Kubernetes rolling update with `maxSurge` does: starts a new
+    /// edge on the same port (both bind it with `SO_REUSEPORT`), waits until it is ready, then
+    /// stops the old one with SIGTERM (SIGKILL after `grace`).
+    ///
+    /// # Errors
+    /// Fails when no edge runs, the deployment's edge does not bind with `SO_REUSEPORT`, or the
+    /// new edge does not start.
+    pub async fn roll_edge(&mut self, grace: Duration) -> anyhow::Result<Restart> {
+        if !self.edge_reuseport {
+            bail!("a rolling restart needs the edge started with SO_REUSEPORT (DeployOptions::edge_reuseport)");
+        }
+        let (Some(mut old), Some(mut launch)) = (self.edge.take(), self.replacement_launch()) else {
+            bail!("no edge runs in this deployment");
+        };
+        // `/readyz` on the shared port may reach either edge, so readiness is the new edge's
+        // own log line that marks the moment its `/readyz` turns 200.
+        launch.ready = Ready::LineContains(STREAM_READER_RUNNING);
+        let new = match Process::start(launch).await {
+            Ok(new) => new,
+            Err(error) => {
+                self.edge = Some(old);
+                return Err(error.context("start the replacement edge"));
+            }
+        };
+        let ready_at = Instant::now();
+        self.edge = Some(new);
+
+        let sigterm_at = Instant::now();
+        let graceful = old.terminate(grace).await?;
+        let stopped_after = sigterm_at.elapsed();
+        Ok(Restart {
+            rolling: true,
+            stopped_after_ms: stopped_after.as_secs_f64() * 1000.0,
+            listening_after_ms: -(sigterm_at.duration_since(ready_at).as_secs_f64() * 1000.0),
+            graceful,
+            sigterm_at,
+        })
+    }
+
+    /// Returns the launch of a new edge on the address of the current one. It logs to a file of
+    /// its own, so the old edge's log is kept.
+    fn replacement_launch(&self) -> Option<Launch> {
+        let mut launch = self.edge_launch.clone()?;
+        launch.log_path.set_extension("restarted.log");
+        Some(launch)
     }
 
     /// Stops every process and drops the run's database.
@@ -228,6 +287,7 @@ async fn start_ceiling(options: &DeployOptions, run_id: String) -> anyhow::Resul
         target: Target::Ceiling,
         edge: None,
         edge_launch: None,
+        edge_reuseport: false,
         others: vec![ceiling],
         redis: None,
         database: None,
@@ -266,6 +326,7 @@ async fn start_peer(options: &DeployOptions, run_id: String) -> anyhow::Result<D
         publish: PublishTarget::Trigger(SocketAddr::from(([127, 0, 0, 1], 0))),
         edge: None,
         edge_launch: None,
+        edge_reuseport: false,
         others: Vec::new(),
         redis: Some(redis),
         database: None,
@@ -290,6 +351,7 @@ async fn start_services(options: &DeployOptions, run_id: String) -> anyhow::Resu
         publish: PublishTarget::Grpc(SocketAddr::from(([127, 0, 0, 1], 0))),
         edge: None,
         edge_launch: None,
+        edge_reuseport: false,
         others: Vec::new(),
         redis: Some(redis),
         database: Some(database),
@@ -317,6 +379,9 @@ async fn start_services(options: &DeployOptions, run_id: String) -> anyhow::Resu
         env.push(("NOTIFIER_URL".to_owned(), format!("http://{grpc}")));
         env.push(("EDGE_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
         env.push(("EDGE_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
+        if options.edge_reuseport {
+            env.push(("EDGE_LISTEN_REUSEPORT".to_owned(), "true".to_owned()));
+        }
         let mut edge_launch = launch(options, &run_id, "ws-edge", env, vec!["http"])?;
         let edge = Process::start(edge_launch.clone()).await?;
         let addr = edge.addr("http")?;
@@ -324,6 +389,7 @@ async fn start_services(options: &DeployOptions, run_id: String) -> anyhow::Resu
         deployment.ws_addr = Some(addr);
         deployment.edge = Some(edge);
         deployment.edge_launch = Some(edge_launch);
+        deployment.edge_reuseport = options.edge_reuseport;
     }
     Ok(deployment)
 }

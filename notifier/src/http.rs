@@ -53,7 +53,7 @@ pub async fn run(
         .map(move || metrics_reply(&registry));
     let routes = warp::service(healthz.or(readyz).or(metrics));
     let limits = ConnectionLimits::new(MAX_METRICS_CONNECTIONS, rejected);
-    http_server::serve(listener, routes, limits, stop).await;
+    http_server::serve(listener, routes, limits, stop, CancellationToken::new()).await;
 }
 
 fn alive() -> &'static str {

@@ -72,13 +72,19 @@ impl ConnectionLimits {
     }
 }
 
-/// Serves `service` on `listener` until `stop` resolves, then closes the listener, tells every
-/// connection to finish its request in progress, and waits for them. Connections upgraded to
-/// WebSocket have left the server by then, so their owner drains them.
+/// Serves `service` on `listener` until `stop` resolves, then closes the listener, cancels
+/// `listener_closed`, tells every connection to finish its request in progress, and waits for
+/// them. Connections upgraded to WebSocket have left the server by then, so their owner drains
+/// them.
 ///
 /// Each request carries the client's [`ClientAddr`] in its extensions.
-pub async fn serve<S, B>(listener: TcpListener, service: S, limits: ConnectionLimits, stop: impl Future<Output = ()>)
-where
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    service: S,
+    limits: ConnectionLimits,
+    stop: impl Future<Output = ()>,
+    listener_closed: CancellationToken,
+) where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
@@ -114,6 +120,7 @@ where
     }
 
     drop(listener);
+    listener_closed.cancel();
     stopping.cancel();
     connections.close();
     connections.wait().await;
@@ -231,9 +238,10 @@ mod tests {
             rejected,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, Hello, limits, async {
+        let stopped = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(serve(listener, Hello, limits, stopped, CancellationToken::new()));
         Server { addr, stop, task }
     }
 

@@ -40,9 +40,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         history = history.with_api_key(api_key)?;
     }
     let history = Arc::new(history);
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("bind EDGE_LISTEN {}", config.listen))?;
+    let listener = ws_edge::http::bind(config.listen, config.listen_reuseport).with_context(|| {
+        format!(
+            "bind EDGE_LISTEN {} (EDGE_LISTEN_REUSEPORT={})",
+            config.listen, config.listen_reuseport
+        )
+    })?;
     let metrics_listener = TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("bind EDGE_METRICS_LISTEN {}", config.metrics_listen))?;

@@ -223,7 +223,15 @@ pub async fn serve_metrics(
     // The shared accept loop, for its header read timeout: a client that opens a connection and
     // sends nothing is disconnected after `http::HEADER_READ_TIMEOUT`.
     let limits = ConnectionLimits::new(MAX_METRICS_CONNECTIONS, rejected);
-    http_server::serve(listener, warp::service(metrics), limits, stop).await;
+    let service = warp::service(metrics);
+    http_server::serve(
+        listener,
+        service,
+        limits,
+        stop,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
 }
 
 /// Returns 200 while the stream reader runs and the edge is not draining, else 503.

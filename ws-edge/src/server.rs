@@ -164,8 +164,8 @@ fn percent_of(total: usize, percent: usize) -> usize {
 /// Logs `listening` with `service = "http"` (and `service = "metrics"`) and the bound address
 /// once it serves. On shutdown it closes every socket with 1012 after the frames already queued
 /// and waits up to `SHUTDOWN_GRACE` for them, while the listener returns 503 to new upgrades
-/// and to `/readyz`; then it closes the listener. The metrics listener stops when the drain
-/// starts.
+/// and to `/readyz`; then it closes the listener. With `EDGE_LISTEN_REUSEPORT` the listener
+/// closes when the drain starts instead. The metrics listener stops when the drain starts.
 ///
 /// # Errors
 /// Fails when a setting is invalid or the HTTP server stops on its own.
@@ -206,7 +206,7 @@ pub async fn serve(
 
     // Serve until the signal. The listener stays open during the drain and returns 503 to
     // upgrades and to `/readyz`, then closes when the drain ends.
-    let server_stop = CancellationToken::new();
+    let (server_stop, listener_closed) = (CancellationToken::new(), CancellationToken::new());
     let routes = warp::service(routes::routes(edge.clone()).map(Reply::into_response).boxed());
     // The accept loop counts each connection until it upgrades or closes, so it also bounds
     // handshakes in progress, which MAX_SOCKETS does not count yet.
@@ -214,7 +214,8 @@ pub async fn serve(
     let limits = ConnectionLimits::new(edge.admission.max_http_connections(), rejected);
     tracing::info!(service = "http", addr = %addr, "listening");
     let stop = server_stop.clone().cancelled_owned();
-    let mut server = tokio::spawn(http_server::serve(listener, routes, limits, stop));
+    let serving = http_server::serve(listener, routes, limits, stop, listener_closed.clone());
+    let mut server = tokio::spawn(serving);
     tokio::select! {
         () = shutdown => {}
         result = &mut server => {
@@ -222,6 +223,15 @@ pub async fn serve(
             let _ = fanout.await;
             anyhow::bail!("the HTTP server stopped without a shutdown signal: {result:?}");
         }
+    }
+
+    // With SO_REUSEPORT a replacement edge may listen on the same port. Closing this listener
+    // before the sockets get 1012 sends their reconnects to it, instead of half of them to this
+    // edge's 503. Connections still in this listener's accept queue are reset and retried.
+    if config.listen_reuseport {
+        server_stop.cancel();
+        listener_closed.cancelled().await;
+        tracing::info!(addr = %addr, "listener closed for the drain");
     }
 
     // Drain: the sockets close with 1012 as soon as the token is cancelled.

@@ -106,11 +106,15 @@ impl Edge {
     }
 
     async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        Self::start_on(listener, configure)
+    }
+
+    fn start_on(listener: TcpListener, configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::with_secret(SECRET);
         config.partitions = PARTITIONS;
         config.max_sockets = Some(1000);
         configure(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound address");
         let log = Arc::new(MemoryLog::new(PARTITIONS, 100));
         let history = Arc::new(LogHistory(log.clone()));
@@ -658,4 +662,51 @@ async fn unfinished_request_headers_time_out() {
     assert!(ended.is_ok(), "the connection is still open after {patience:?}");
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
     edge.stop().await;
+}
+
+#[tokio::test]
+async fn second_bind_without_reuseport_fails() {
+    let first = ws_edge::http::bind("127.0.0.1:0".parse().expect("address"), false).expect("bind a loopback port");
+    let addr = first.local_addr().expect("bound address");
+    let second = ws_edge::http::bind(addr, false);
+    assert_eq!(
+        second.map(|_| ()).map_err(|err| err.kind()),
+        Err(std::io::ErrorKind::AddrInUse)
+    );
+}
+
+/// Two edges on one port with `SO_REUSEPORT`: the replacement starts while the old edge still
+/// serves, and once the old edge drains, every new connection reaches the replacement, even
+/// while the old edge still waits for a socket that does not reply to its close frame.
+#[tokio::test]
+async fn reuseport_replacement_takes_connections_during_drain() {
+    let reuseport = |config: &mut Config| config.listen_reuseport = true;
+    let old_listener =
+        ws_edge::http::bind("127.0.0.1:0".parse().expect("address"), true).expect("bind a loopback port");
+    let addr = old_listener.local_addr().expect("bound address");
+    let old = Edge::start_on(old_listener, reuseport);
+    let (mut leaving, _) = old.connect("alice").await;
+    // This socket reads nothing, so the old edge keeps draining until it gives up on its close
+    // handshake (2 s).
+    let (_silent, _) = old.connect("bob").await;
+
+    let new_listener = ws_edge::http::bind(addr, true).expect("a second bind with SO_REUSEPORT succeeds");
+    let new = Edge::start_on(new_listener, reuseport);
+    assert_eq!(wait_for_readyz(addr, 200).await, 200);
+
+    let Edge { stop, server, .. } = old;
+    let _ = stop.map(|stop| stop.send(()));
+    assert_eq!(close_code(&mut leaving).await, Some(close::SERVICE_RESTART));
+    assert!(!server.is_finished(), "the old edge should still be draining");
+    for attempt in 0..20 {
+        let (mut client, connected) = new.connect(&format!("carol-{attempt}")).await;
+        assert_eq!(connected["type"], "connected", "attempt {attempt}");
+        client.close(None).await.expect("close the client");
+    }
+    let drained = tokio::time::timeout(Duration::from_secs(20), server).await;
+    drained
+        .expect("the old edge drained in time")
+        .expect("serve task")
+        .expect("serve succeeded");
+    new.stop().await;
 }

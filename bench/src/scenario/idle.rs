@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use super::{Common, minter, with_deployment};
+use super::{Common, CpuUse, CpuWindow, minter, with_deployment};
 use crate::client::Fleet;
 use crate::deploy::{Deployment, Target};
 use crate::process::resident_bytes;
@@ -43,6 +43,11 @@ pub struct IdleResult {
     pub connect_retries: u64,
     /// The first few errors of sockets that never connected.
     pub connect_errors: Vec<String>,
+    /// CPU time of the servers and of the load client while the sockets connected.
+    pub connect_cpu: CpuUse,
+    /// Server CPU microseconds per connected socket: TCP accept, upgrade, token check,
+    /// `connected`, subscribe and `subscribed`.
+    pub server_us_per_connect: Option<f64>,
     /// Sockets subscribed when memory was read the second time.
     pub subscribed: usize,
     /// Resident memory of the socket server before connecting, in bytes.
@@ -99,7 +104,10 @@ async fn measure(deployment: &mut Deployment, args: &IdleArgs) -> anyhow::Result
 
     // Connect every socket, let the server settle, and read memory again.
     let config = args.common.fleet_config(deployment, args.sockets, 1, false)?;
-    let fleet = Fleet::connect(config, minter()?).await?;
+    let minter = minter()?;
+    let cpu = CpuWindow::open(deployment).await;
+    let fleet = Fleet::connect(config, minter).await?;
+    let connect_cpu = cpu.close(deployment).await;
     tokio::time::sleep(settle).await;
     let rss_after = resident_bytes(pid)?;
     let subscribed = fleet.subscribed();
@@ -115,6 +123,8 @@ async fn measure(deployment: &mut Deployment, args: &IdleArgs) -> anyhow::Result
         connect_s,
         connect_retries: report.connect_retries(),
         connect_errors,
+        server_us_per_connect: connect_cpu.servers_us_per((args.sockets - connect_failures) as u64),
+        connect_cpu,
         subscribed,
         rss_before,
         rss_after,

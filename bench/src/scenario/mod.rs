@@ -100,6 +100,7 @@ impl Common {
             with_edge,
             service_env: self.service_env.clone(),
             rust_log: self.service_log.clone(),
+            edge_reuseport: false,
         })
     }
 

@@ -1,7 +1,9 @@
 //! Reconnect storm: N subscribed sockets and events published at a steady rate, while the edge
-//! restarts under them (SIGTERM, then a new edge on the same address). Each socket reconnects
-//! with backoff and resumes with `since`. Reports how long until 99% of the sockets had every
-//! event published up to the moment the new edge listened, and what was lost or duplicated.
+//! restarts under them: SIGTERM, then a new edge on the same address, or with `--rolling` a new
+//! edge on the same port (`SO_REUSEPORT`) that is ready before the old one gets SIGTERM. Each
+//! socket reconnects with backoff and resumes with `since`. Reports how long until 99% of the
+//! sockets had every event published up to the end of the restart, and what was lost or
+//! duplicated.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +14,9 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{Common, minter, with_deployment};
-use crate::client::{Backoff, Fleet, FleetReport, RECONNECT_FIRST_STEP, RECONNECT_MAX_STEP};
+use crate::client::{
+    Backoff, Fleet, FleetReport, RECONNECT_FIRST_STEP, RECONNECT_MAX_STEP, RESTART_RECONNECT_WINDOW, SocketReport,
+};
 use crate::deploy::{Deployment, Restart, Target};
 use crate::publisher::{OpenLoop, run_open_loop};
 use crate::report::{Row, number};
@@ -44,6 +48,14 @@ pub struct StormArgs {
     /// Largest reconnect backoff step of the clients, in milliseconds.
     #[arg(long, default_value_t = RECONNECT_MAX_STEP.as_millis() as u64)]
     pub backoff_max_ms: u64,
+    /// Window of the clients' first reconnect after a 1012 close, in milliseconds: its delay is
+    /// drawn between zero and this window (0: at once).
+    #[arg(long, default_value_t = RESTART_RECONNECT_WINDOW.as_millis() as u64)]
+    pub restart_window_ms: u64,
+    /// Rolling restart: start the new edge on the same port first (both bind it with
+    /// SO_REUSEPORT), wait until it is ready, then send SIGTERM to the old one.
+    #[arg(long)]
+    pub rolling: bool,
     /// Options every scenario takes.
     #[command(flatten)]
     pub common: Common,
@@ -70,6 +82,8 @@ pub struct StormResult {
     pub backoff_first_ms: u64,
     /// Largest reconnect backoff step of the clients, in milliseconds.
     pub backoff_max_ms: u64,
+    /// Window of the clients' first reconnect after a 1012 close, in milliseconds.
+    pub restart_window_ms: u64,
     /// Restart timings.
     pub restart: Restart,
     /// Sockets that had every event up to the catch-up target by the end.
@@ -80,6 +94,10 @@ pub struct StormResult {
     pub caught_up_99_ms: Option<f64>,
     /// Time from SIGTERM until every socket was caught up, in milliseconds.
     pub caught_up_all_ms: Option<f64>,
+    /// Time from SIGTERM until 50% of the sockets had resubscribed, in milliseconds.
+    pub resubscribed_50_ms: Option<f64>,
+    /// Time from SIGTERM until 99% of the sockets had resubscribed, in milliseconds.
+    pub resubscribed_99_ms: Option<f64>,
     /// Publishes that failed or were not acknowledged.
     pub publish_failures: u64,
     /// Deliveries expected.
@@ -143,7 +161,8 @@ pub async fn run(args: &StormArgs) -> anyhow::Result<StormResult> {
     if args.common.target != Target::Edge {
         bail!("the reconnect storm restarts the edge, so it needs --target edge");
     }
-    let options = args.common.deploy_options(true)?;
+    let mut options = args.common.deploy_options(true)?;
+    options.edge_reuseport = args.rolling;
     with_deployment(options, async |deployment| measure(deployment, args).await).await
 }
 
@@ -153,6 +172,7 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
     config.backoff = Backoff {
         first_step: Duration::from_millis(args.backoff_first_ms),
         max_step: Duration::from_millis(args.backoff_max_ms),
+        restart_window: Duration::from_millis(args.restart_window_ms),
     };
     let fleet = Fleet::connect(config.clone(), minter()?).await?;
     let plan = OpenLoop {
@@ -168,11 +188,16 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
     });
 
     // Restart the edge; sockets count as caught up once they hold every event published up to
-    // the moment the new edge listens.
+    // the end of the restart: the new edge listens, and in a rolling restart the old one exited.
     tokio::time::sleep(Duration::from_secs(args.before_secs)).await;
-    let sigterm_at = Instant::now();
-    let restart = deployment.restart_edge(Duration::from_secs(args.grace_secs)).await?;
+    let grace = Duration::from_secs(args.grace_secs);
+    let restart = if args.rolling {
+        deployment.roll_edge(grace).await?
+    } else {
+        deployment.restart_edge(grace).await?
+    };
     fleet.set_catch_up_target(next_tick.load(Ordering::Relaxed));
+    let sigterm_at = restart.sigterm_at;
 
     // Finish publishing, wait for the deliveries, and account for every socket.
     let published = publisher.await.context("the publisher task panicked")??;
@@ -184,7 +209,8 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
     let sockets = args.sockets - connect_failures;
     let report = fleet.finish().await;
     let (expected, lost) = report.expected_and_lost(&published.acked);
-    let catch_up = CatchUp::of(&report, sigterm_at, sockets);
+    let catch_up = CatchUp::of(&report, sigterm_at, sockets, |socket| socket.caught_up_at);
+    let resubscribed = CatchUp::of(&report, sigterm_at, sockets, |socket| socket.resubscribed_at);
     Ok(StormResult {
         scenario: "reconnect-storm",
         target: deployment.target,
@@ -195,11 +221,14 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
         rate: args.rate,
         backoff_first_ms: args.backoff_first_ms,
         backoff_max_ms: args.backoff_max_ms,
+        restart_window_ms: args.restart_window_ms,
         restart,
         caught_up: catch_up.count,
         caught_up_50_ms: catch_up.quantile(0.50),
         caught_up_99_ms: catch_up.quantile(0.99),
         caught_up_all_ms: catch_up.quantile(1.0),
+        resubscribed_50_ms: resubscribed.quantile(0.50),
+        resubscribed_99_ms: resubscribed.quantile(0.99),
         publish_failures: published.failures,
         expected,
         delivered: report.delivered,
@@ -212,7 +241,8 @@ async fn measure(deployment: &mut Deployment, args: &StormArgs) -> anyhow::Resul
     })
 }
 
-/// Catch-up times of the sockets, in milliseconds from SIGTERM, sorted.
+/// Times at which the sockets reached a state (caught up, resubscribed), in milliseconds from
+/// SIGTERM, sorted.
 struct CatchUp {
     times_ms: Vec<f64>,
     count: usize,
@@ -220,11 +250,16 @@ struct CatchUp {
 }
 
 impl CatchUp {
-    fn of(report: &FleetReport, sigterm_at: Instant, sockets: usize) -> Self {
+    fn of(
+        report: &FleetReport,
+        sigterm_at: Instant,
+        sockets: usize,
+        reached_at: impl Fn(&SocketReport) -> Option<Instant>,
+    ) -> Self {
         let mut times_ms: Vec<f64> = report
             .sockets
             .iter()
-            .filter_map(|socket| socket.caught_up_at)
+            .filter_map(reached_at)
             .map(|at| at.saturating_duration_since(sigterm_at).as_secs_f64() * 1000.0)
             .collect();
         times_ms.sort_by(f64::total_cmp);
