@@ -90,16 +90,16 @@ pub fn for_committer() -> Span {
     }
 }
 
-/// Creates one `commit` span per request of a batch, each a child of the request's span. The
-/// batch shares one transaction, so the spans share their start and end; drop them after the
-/// commit.
-pub fn commit<'a>(parents: impl Iterator<Item = &'a Span>, partition: u32, batch: usize) -> Vec<Span> {
+/// Creates one `commit` span per request of a batch, each a child of the request's span and
+/// tagged with the request's partition. The batch shares one transaction, so the spans share
+/// their start and end; drop them after the commit.
+pub fn commit<'a>(parents: impl Iterator<Item = (&'a Span, u32)>, batch: usize) -> Vec<Span> {
     if !telemetry::is_exporting() {
         return Vec::new();
     }
     parents
-        .filter(|parent| !parent.is_disabled())
-        .map(|parent| {
+        .filter(|(parent, _)| !parent.is_disabled())
+        .map(|(parent, partition)| {
             tracing::info_span!(
                 parent: parent,
                 "commit",
