@@ -144,6 +144,13 @@ impl<'a> Plan<'a> {
         index
     }
 
+    /// Returns the partition, id and request of each new event, in batch order.
+    pub(super) fn fresh_events(&self) -> impl Iterator<Item = (u32, &str, &'a NewEvent)> {
+        self.fresh
+            .iter()
+            .map(|fresh| (fresh.partition, fresh.id.as_str(), fresh.event))
+    }
+
     /// Assigns each new event the next number above its partition's head, in batch order.
     /// `heads` holds the locked `last_seq` of every partition in the batch.
     ///

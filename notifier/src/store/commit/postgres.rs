@@ -1,7 +1,7 @@
 //! The publish transaction on PostgreSQL, through sqlx's native driver. It binds each column of
 //! a batch as one array and expands it with `unnest`, so each step is one prepared statement
-//! whatever the batch size: four round trips for a batch without idempotency keys (BEGIN, lock,
-//! write, COMMIT) and five with keys.
+//! whatever the batch size. A batch with idempotency keys takes five round trips (BEGIN, lock,
+//! key lookup, write, COMMIT). A batch without keys takes one, [`WRITE_WITHOUT_KEYS`].
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -54,10 +54,108 @@ const WRITE: &str = "WITH advanced AS ( \
     WHERE idempotency_keys.created_ms < $4::int8 \
     RETURNING key";
 
+/// Stores a batch without idempotency keys in one statement, which PostgreSQL runs as a
+/// transaction of its own, so the batch costs one round trip instead of four. It locks the
+/// batch's partition rows in ascending order like [`LOCK_HEADS`], raises each `last_seq` by the
+/// partition's number of events, numbers the events of each partition above its old head in
+/// batch order, inserts them, and returns each partition's old head.
+///
+/// - `$1`: the commit time in milliseconds, the events' `ts_ms`.
+/// - `$2` to `$9`: the events' columns, in batch order.
+const WRITE_WITHOUT_KEYS: &str = "WITH fresh AS ( \
+        SELECT *, row_number() OVER (PARTITION BY partition ORDER BY ord) AS rank \
+        FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
+            $9::text[]) WITH ORDINALITY \
+            AS f(partition, id, channel, event_type, data, user_id, traceparent, tracestate, ord) \
+    ), counts AS ( \
+        SELECT partition, count(*) AS added FROM fresh GROUP BY partition \
+    ), locked AS ( \
+        SELECT partition FROM partitions WHERE partition IN (SELECT partition FROM counts) \
+        ORDER BY partition FOR UPDATE \
+    ), advanced AS ( \
+        UPDATE partitions SET last_seq = partitions.last_seq + counts.added \
+        FROM counts \
+        WHERE partitions.partition = counts.partition \
+            AND partitions.partition IN (SELECT partition FROM locked) \
+        RETURNING partitions.partition, partitions.last_seq - counts.added AS head \
+    ), stored AS ( \
+        INSERT INTO events (partition, seq, id, channel, event_type, data, user_id, traceparent, tracestate, ts_ms) \
+        SELECT fresh.partition, advanced.head + fresh.rank, id, channel, event_type, data, user_id, traceparent, \
+            tracestate, $1::int8 \
+        FROM fresh JOIN advanced ON advanced.partition = fresh.partition \
+    ) \
+    SELECT partition, head FROM advanced";
+
 /// Runs the transaction once; see [`super::run`].
 pub(super) async fn try_commit(pool: &PgPool, batch: &Batch<'_>) -> Result<Option<super::Committed>, StoreError> {
     let tx = PgTransaction(pool.begin().await?);
     super::run(tx, batch).await
+}
+
+/// Stores a batch without idempotency keys with [`WRITE_WITHOUT_KEYS`].
+///
+/// # Errors
+/// [`StoreError::Corrupt`] when a partition of the batch has no row. The statement has then
+/// stored the events of the other partitions, which is why [`crate::store::Store::open`] creates
+/// every partition's row and the batch holds only partitions below the store's count.
+pub(super) async fn commit_without_keys(pool: &PgPool, batch: &Batch<'_>) -> Result<super::Committed, StoreError> {
+    let plan = batch.plan(HashMap::new());
+    let fresh: Vec<_> = plan.fresh_events().collect();
+    let rows = sqlx::query(WRITE_WITHOUT_KEYS)
+        .bind(batch.now_ms)
+        .bind(
+            fresh
+                .iter()
+                .map(|(partition, _, _)| i64::from(*partition))
+                .collect::<Vec<_>>(),
+        )
+        .bind(fresh.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, _, event)| event.channel.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, _, event)| event.event_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, _, event)| event.data.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, _, event)| event.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, _, event)| event.traceparent.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|(_, _, event)| event.tracestate.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(pool)
+        .await?;
+    let mut heads = BTreeMap::new();
+    for row in rows {
+        heads.insert(
+            partition_of_row(row.try_get("partition")?)?,
+            to_u64(row.try_get("head")?),
+        );
+    }
+    Ok(plan.finish(&heads, batch.now_ms)?.committed)
 }
 
 struct PgTransaction(sqlx::Transaction<'static, Postgres>);
