@@ -9,7 +9,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use notify_proto::http_server::{self, ConnectionLimits, MAX_METRICS_CONNECTIONS};
 use notify_proto::metrics::MetricsRegistry;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -30,10 +32,15 @@ pub struct Readiness {
 }
 
 /// Serves the probes and `registry`'s metrics on `listener` until `stop` resolves.
+///
+/// A client has [`HEADER_READ_TIMEOUT`](http_server::HEADER_READ_TIMEOUT) to send a request's headers, and at most
+/// [`MAX_METRICS_CONNECTIONS`] connections are served at once. A connection over that cap is
+/// closed at once and counted in `rejected`.
 pub async fn run(
     listener: TcpListener,
     readiness: Readiness,
     registry: MetricsRegistry,
+    rejected: Counter,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let healthz = warp::path!("healthz").and(warp::get()).map(alive);
@@ -44,14 +51,9 @@ pub async fn run(
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .map(move || metrics_reply(&registry));
-    // NOTE: warp 0.4.3 sets no header read timeout, so a client that connects and sends nothing
-    // holds a file descriptor until it goes away. Keep this listener inside the cluster; the
-    // edge serves its public port through an accept loop of its own for this reason.
-    warp::serve(healthz.or(readyz).or(metrics))
-        .incoming(listener)
-        .graceful(stop)
-        .run()
-        .await;
+    let routes = warp::service(healthz.or(readyz).or(metrics));
+    let limits = ConnectionLimits::new(MAX_METRICS_CONNECTIONS, rejected);
+    http_server::serve(listener, routes, limits, stop).await;
 }
 
 fn alive() -> &'static str {

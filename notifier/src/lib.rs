@@ -116,7 +116,7 @@ pub async fn serve(
     // Serve the probes, then the gRPC API until shutdown, then let its calls finish.
     let draining = CancellationToken::new();
     let http_stop = CancellationToken::new();
-    let http_task = spawn_http(http, &store, registry, &draining, &http_stop)?;
+    let http_task = spawn_http(http, &store, registry, &metrics, &draining, &http_stop)?;
     let limiter = PublishLimiter::new(config.publish_rate, config.publish_burst, config.publish_rate_keys);
     let service = NotifierService::new(publisher, store, config.max_payload_bytes, limiter)
         .with_api_keys(api_keys)
@@ -142,6 +142,7 @@ fn spawn_http(
     listener: Option<TcpListener>,
     store: &Store,
     registry: &MetricsRegistry,
+    metrics: &Metrics,
     draining: &CancellationToken,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
@@ -157,6 +158,7 @@ fn spawn_http(
         listener,
         readiness,
         registry.clone(),
+        metrics.http_connections_rejected.clone(),
         stop.clone().cancelled_owned(),
     ));
     tracing::info!(service = "http", addr = %addr, "listening");

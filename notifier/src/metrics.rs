@@ -95,6 +95,8 @@ pub struct Metrics {
     pub relay_partitions: Gauge,
     /// Events the relay appended.
     pub relay_appended: Counter,
+    /// Connections to the HTTP listener closed because `MAX_METRICS_CONNECTIONS` were open.
+    pub http_connections_rejected: Counter,
     queues: Arc<QueueDepth>,
 }
 
@@ -109,6 +111,7 @@ impl Default for Metrics {
             relay_backlog: Gauge::default(),
             relay_partitions: Gauge::default(),
             relay_appended: Counter::default(),
+            http_connections_rejected: Counter::default(),
             queues: Arc::default(),
         }
     }
@@ -143,6 +146,11 @@ impl Metrics {
             "stream_errors",
             "Failed calls to the event stream (Redis), by operation",
             self.stream_errors.clone(),
+        );
+        registry.register(
+            "http_connections_rejected",
+            "Connections to the probes and metrics listener closed at once because too many were open",
+            self.http_connections_rejected.clone(),
         );
         registry.register(
             "relay_backlog_events",

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use notify_proto::channel::stream_key;
-use notify_proto::entry::{encode_fields, entry_id, seq_of};
+use notify_proto::entry::{self, encode_fields, entry_id};
 use notify_proto::log::{AppendReport, LogError, LogWriter};
 use notify_proto::pb::Event;
 use redis::aio::MultiplexedConnection;
@@ -91,23 +91,18 @@ impl LogWriter for RedisLog {
     /// Reads the last entry with `XREVRANGE <key> + - COUNT 1`.
     async fn last_seq(&self, partition: u32) -> Result<u64, LogError> {
         let key = stream_key(&self.prefix, partition);
+        let command_key = key.clone();
         let entries: Vec<(String, Value)> = self
             .connection
             .run(|mut connection| async move {
                 redis::cmd("XREVRANGE")
-                    .arg(key)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
+                    .arg(&command_key)
+                    .arg(&["+", "-", "COUNT", "1"])
                     .query_async(&mut connection)
                     .await
             })
             .await?;
-        match entries.first() {
-            None => Ok(0),
-            Some((id, _)) => seq_of(id).map_err(|err| LogError::Unavailable(err.to_string())),
-        }
+        entry::last_seq(&key, entries.first().map(|(id, _)| id.as_str()))
     }
 }
 

@@ -123,33 +123,85 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), Error> {
     }
 }
 
-/// Reads the W3C trace context from request metadata. A value that is too long or not of the
-/// expected form is dropped rather than failing the call, because tracing is best effort.
+/// Reads the W3C trace context from request metadata. A `traceparent` that breaks a rule of
+/// [`traceparent_error`] is dropped with its `tracestate`, and the call starts a new trace
+/// instead of failing, because tracing is best effort. A `tracestate` that is too long or not
+/// printable ASCII is dropped alone.
 pub fn trace_context(metadata: &MetadataMap) -> TraceContext {
     let header = |name| metadata.get(name).and_then(|value| value.to_str().ok()).unwrap_or("");
     let traceparent = header("traceparent");
     let tracestate = header("tracestate");
     let mut trace = TraceContext::default();
-    if is_traceparent(traceparent) {
-        trace.traceparent = traceparent.to_owned();
-        if is_tracestate(tracestate) {
-            trace.tracestate = tracestate.to_owned();
-        }
+    if traceparent.is_empty() {
+        return trace;
+    }
+    if let Some(reason) = traceparent_error(traceparent) {
+        let shown = traceparent.get(..MAX_TRACEPARENT_LEN).unwrap_or(traceparent);
+        tracing::debug!(
+            traceparent = shown,
+            reason,
+            "ignoring an invalid traceparent; starting a new trace"
+        );
+        return trace;
+    }
+    trace.traceparent = traceparent.to_owned();
+    if is_tracestate(tracestate) {
+        trace.tracestate = tracestate.to_owned();
     }
     trace
 }
 
-/// Loose check of `version-traceid-parentid-flags`: lowercase hex fields of 2, 32 and 16
-/// characters, then at least the flags.
-fn is_traceparent(value: &str) -> bool {
-    let lowercase_hex = |field: &str| field.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    let fields: Vec<&str> = value.split('-').collect();
-    value.len() <= MAX_TRACEPARENT_LEN
-        && fields.len() >= 4
-        && fields.iter().all(|field| lowercase_hex(field))
-        && fields[0].len() == 2
-        && fields[1].len() == 32
-        && fields[2].len() == 16
+/// Length of a version `00` `traceparent`: `00-<trace id>-<parent id>-<flags>`, with 2, 32, 16
+/// and 2 hex digits.
+const TRACEPARENT_V00_LEN: usize = 55;
+
+/// Returns the rule of W3C Trace Context (level 1, section 3.2) that `value` breaks as a
+/// `traceparent`, or `None` when it is valid:
+/// - every field is lowercase hex, separated by `-` at bytes 2, 35 and 52;
+/// - version `ff` is invalid, and version `00` is exactly 55 bytes long;
+/// - a higher version may append fields after a `-` at byte 55, within [`MAX_TRACEPARENT_LEN`];
+/// - the trace id and the parent id are not all zeros.
+pub fn traceparent_error(value: &str) -> Option<&'static str> {
+    let bytes = value.as_bytes();
+    if bytes.len() < TRACEPARENT_V00_LEN {
+        return Some("shorter than 55 bytes");
+    }
+    if bytes.len() > MAX_TRACEPARENT_LEN {
+        return Some("longer than 128 bytes");
+    }
+
+    if [2, 35, 52].iter().any(|&at| bytes[at] != b'-') {
+        return Some("fields not separated by '-' at bytes 2, 35 and 52");
+    }
+    let (version, trace_id, parent_id, flags) = (&bytes[..2], &bytes[3..35], &bytes[36..52], &bytes[53..55]);
+    if ![version, trace_id, parent_id, flags]
+        .iter()
+        .all(|field| is_lowercase_hex(field))
+    {
+        return Some("a field is not lowercase hex");
+    }
+
+    if version == b"ff" {
+        return Some("version ff is invalid");
+    }
+    if version == b"00" && bytes.len() != TRACEPARENT_V00_LEN {
+        return Some("version 00 has data after the flags");
+    }
+    if bytes.len() > TRACEPARENT_V00_LEN && bytes[TRACEPARENT_V00_LEN] != b'-' {
+        return Some("the flags are not followed by '-'");
+    }
+
+    if trace_id.iter().all(|&digit| digit == b'0') {
+        return Some("the trace id is all zeros");
+    }
+    if parent_id.iter().all(|&digit| digit == b'0') {
+        return Some("the parent id is all zeros");
+    }
+    None
+}
+
+fn is_lowercase_hex(field: &[u8]) -> bool {
+    field.iter().all(|&b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Loose check of `tracestate`: printable ASCII within the length cap.
@@ -337,6 +389,78 @@ mod tests {
         let mut metadata = MetadataMap::new();
         let long = format!("00-{}-{}-01{}", "a".repeat(32), "b".repeat(16), "-0".repeat(60));
         metadata.insert("traceparent", long.parse().expect("ascii"));
+        assert_eq!(trace_context(&metadata), TraceContext::default());
+    }
+
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    const PARENT_ID: &str = "b7ad6b7169203331";
+
+    #[test]
+    fn traceparent_follows_w3c_rules() {
+        let valid = [
+            format!("00-{TRACE_ID}-{PARENT_ID}-01"),
+            format!("00-{TRACE_ID}-{PARENT_ID}-00"),
+            // A higher version may append fields after a dash.
+            format!("01-{TRACE_ID}-{PARENT_ID}-01"),
+            format!("cc-{TRACE_ID}-{PARENT_ID}-01-what-the-future-will-be"),
+        ];
+        for value in &valid {
+            assert_eq!(traceparent_error(value), None, "{value}");
+        }
+    }
+
+    #[test]
+    fn traceparent_breaking_a_rule_is_invalid() {
+        let zeros_trace = "0".repeat(32);
+        let zeros_parent = "0".repeat(16);
+        let cases = [
+            (format!("ff-{TRACE_ID}-{PARENT_ID}-01"), "version ff is invalid"),
+            (format!("00-{zeros_trace}-{PARENT_ID}-01"), "the trace id is all zeros"),
+            (format!("00-{TRACE_ID}-{zeros_parent}-01"), "the parent id is all zeros"),
+            (
+                format!("00-{}-{PARENT_ID}-01", TRACE_ID.to_uppercase()),
+                "a field is not lowercase hex",
+            ),
+            (
+                format!("00-{TRACE_ID}-{}-01", PARENT_ID.to_uppercase()),
+                "a field is not lowercase hex",
+            ),
+            (format!("0A-{TRACE_ID}-{PARENT_ID}-01"), "a field is not lowercase hex"),
+            (format!("00-{TRACE_ID}-{PARENT_ID}-0g"), "a field is not lowercase hex"),
+            (format!("00-{TRACE_ID}-{PARENT_ID}-1"), "shorter than 55 bytes"),
+            (
+                format!("00-{TRACE_ID}a-{PARENT_ID}-01"),
+                "fields not separated by '-' at bytes 2, 35 and 52",
+            ),
+            (
+                format!("00-{TRACE_ID}-{PARENT_ID}a-01"),
+                "fields not separated by '-' at bytes 2, 35 and 52",
+            ),
+            (
+                format!("00-{TRACE_ID}-{PARENT_ID}-01-00"),
+                "version 00 has data after the flags",
+            ),
+            (
+                format!("01-{TRACE_ID}-{PARENT_ID}-01x"),
+                "the flags are not followed by '-'",
+            ),
+            (
+                format!("01-{TRACE_ID}-{PARENT_ID}-01-{}", "0".repeat(80)),
+                "longer than 128 bytes",
+            ),
+            (String::from("00"), "shorter than 55 bytes"),
+        ];
+        for (value, expected) in &cases {
+            assert_eq!(traceparent_error(value), Some(*expected), "{value}");
+        }
+    }
+
+    #[test]
+    fn invalid_traceparent_starts_a_new_trace() {
+        let mut metadata = MetadataMap::new();
+        let version_ff = format!("ff-{TRACE_ID}-{PARENT_ID}-01");
+        metadata.insert("traceparent", version_ff.parse().expect("ascii"));
+        metadata.insert("tracestate", "rojo=00f067aa0ba902b7".parse().expect("ascii"));
         assert_eq!(trace_context(&metadata), TraceContext::default());
     }
 }

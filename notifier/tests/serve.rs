@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::TestSqlite;
 use notifier::Config;
 use notifier::store::Store;
+use notify_proto::http_server::{HEADER_READ_TIMEOUT, MAX_METRICS_CONNECTIONS};
 use notify_proto::log::LogReader;
 use notify_proto::memory::MemoryLog;
 use notify_proto::pb::notifier_client::NotifierClient;
@@ -96,6 +97,20 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .expect("status line");
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
+}
+
+/// Sends `GET /metrics` and returns the body of a 200 response, or `None` when the connection
+/// was closed without one.
+async fn try_get_metrics(addr: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    stream.write_all(request).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(1), stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    response.starts_with("HTTP/1.1 200 OK").then_some(response)
 }
 
 async fn stop(running: Running) {
@@ -262,6 +277,68 @@ async fn probes_report_health_and_drain() {
         .expect("serve returns")
         .expect("serve task")
         .expect("serve succeeds");
+}
+
+#[tokio::test]
+async fn unfinished_probe_headers_time_out() {
+    let running = start(Config::default()).await;
+    let started = tokio::time::Instant::now();
+    let mut stream = TcpStream::connect(running.http).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write half a header");
+
+    let patience = HEADER_READ_TIMEOUT + Duration::from_secs(5);
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(patience, stream.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection is still open after {patience:?}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {elapsed:?}, before the header read timeout"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn probe_connections_over_the_cap_are_closed() {
+    let running = start(Config::default()).await;
+    let mut idle = Vec::new();
+    for _ in 0..MAX_METRICS_CONNECTIONS {
+        idle.push(TcpStream::connect(running.http).await.expect("connect"));
+    }
+
+    // One more connection is closed at once, while the others stay open.
+    let mut extra = TcpStream::connect(running.http).await.expect("connect");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "connection {} is still open",
+        MAX_METRICS_CONNECTIONS + 1
+    );
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(Duration::from_millis(200), idle[0].read(&mut byte)).await;
+    assert!(read.is_err(), "an idle connection within the cap was closed: {read:?}");
+
+    // Closing idle connections frees places, and the rejection was counted.
+    idle.truncate(MAX_METRICS_CONNECTIONS - 4);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        if let Some(body) = try_get_metrics(running.http).await {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no place was freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        metrics.contains("notify_notifier_http_connections_rejected_total 1\n"),
+        "{metrics}"
+    );
+    drop(idle);
+    stop(running).await;
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use common::{redis_url, stream_prefix};
 use notifier::stream::RedisLog;
 use notify_proto::channel::stream_key;
 use notify_proto::entry::decode;
-use notify_proto::log::{AppendReport, LogWriter};
+use notify_proto::log::{AppendReport, LogError, LogWriter};
 use notify_proto::pb::Event;
 use redis::AsyncCommands;
 
@@ -93,6 +93,23 @@ async fn append_writes_entries_in_order() {
     );
     assert_eq!(log.last_seq(2).await.expect("last seq"), 3);
     assert_eq!(keys.entries(&key).await, events);
+    keys.delete().await;
+}
+
+#[tokio::test]
+async fn last_seq_rejects_a_foreign_entry() {
+    let prefix = stream_prefix();
+    let key = stream_key(&prefix, 2);
+    let mut keys = Keys::new(vec![key.clone()]).await;
+    let log = RedisLog::connect(&redis_url(), &prefix, 1000).await.expect("connect");
+
+    // An id that Redis generates (`<ms>-<n>`) is not one a notifier writes.
+    let id: String = keys.connection.xadd(&key, "*", &[("f", "v")]).await.expect("xadd");
+    let Err(LogError::Unavailable(message)) = log.last_seq(2).await else {
+        panic!("last_seq accepted the entry id {id}");
+    };
+    assert!(message.contains(&key), "{message}");
+    assert!(message.contains(&id), "{message}");
     keys.delete().await;
 }
 

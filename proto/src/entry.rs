@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 
+use crate::log::LogError;
 use crate::pb::Event;
 
 /// Field names of a stream entry.
@@ -66,6 +67,25 @@ pub fn seq_of(entry_id: &str) -> Result<u64, DecodeError> {
         .strip_prefix("0-")
         .and_then(|seq| seq.parse().ok())
         .ok_or_else(|| DecodeError::BadId(entry_id.to_owned()))
+}
+
+/// Returns the sequence number of a stream's last entry, from the id that
+/// `XREVRANGE <key> + - COUNT 1` returned, or 0 when the stream is empty (`last_id` is `None`).
+///
+/// # Errors
+/// Fails with [`LogError::Unavailable`] naming `stream_key` and the id when the id is not of the
+/// form `0-<seq>`: the stream contains an entry that no notifier wrote, so neither an append nor a
+/// read can trust it as the partition's head.
+pub fn last_seq(stream_key: &str, last_id: Option<&str>) -> Result<u64, LogError> {
+    let Some(id) = last_id else {
+        return Ok(0);
+    };
+    seq_of(id).map_err(|_| {
+        LogError::Unavailable(format!(
+            "the last entry of stream {stream_key} has the id {id:?}, which is not of the form 0-<seq>; \
+             check that no other program writes under STREAM_PREFIX"
+        ))
+    })
 }
 
 /// Returns the fields of an event's stream entry. Empty optional fields are left out.
@@ -198,5 +218,22 @@ mod tests {
                 field: field::CHANNEL
             })
         );
+    }
+
+    #[test]
+    fn last_seq_reads_the_last_id() {
+        assert_eq!(last_seq("notify:{p0}", None).ok(), Some(0));
+        assert_eq!(last_seq("notify:{p0}", Some("0-42")).ok(), Some(42));
+    }
+
+    #[test]
+    fn last_seq_rejects_a_foreign_id() {
+        for id in ["1700000000000-0", "0-", "0-x", ""] {
+            let Err(LogError::Unavailable(message)) = last_seq("notify:{p3}", Some(id)) else {
+                panic!("id {id:?} was accepted");
+            };
+            assert!(message.contains("notify:{p3}"), "{message}");
+            assert!(message.contains(&format!("{id:?}")), "{message}");
+        }
     }
 }

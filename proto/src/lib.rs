@@ -14,6 +14,7 @@
 //! - [`claims`]: the JWT claims a client token carries.
 //! - [`telemetry`]: logging set-up shared by the binaries.
 //! - [`metrics`]: the Prometheus registry of a process and its `/metrics` encoding.
+//! - [`http_server`]: the HTTP accept loop, with a header read timeout and a connection cap.
 //! - [`shutdown`]: the signal that starts a graceful stop.
 //! - [`settings`]: parsers for setting values that both services share.
 //! - [`ratelimit`]: token-bucket rate limiters with a bounded keyed store.
@@ -24,6 +25,7 @@ pub mod claims;
 pub mod entry;
 pub mod frame;
 pub mod history;
+pub mod http_server;
 pub mod log;
 pub mod memory;
 pub mod metrics;

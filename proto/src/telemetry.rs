@@ -8,7 +8,8 @@
 //! spans go to that OTLP/gRPC endpoint in batches. The OpenTelemetry SDK reads the standard
 //! variables itself: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_EXPORTER_OTLP_HEADERS` and
-//! `OTEL_BSP_*`. Without an endpoint, or with `OTEL_TRACES_EXPORTER=none` or
+//! `OTEL_BSP_*`. An `https` endpoint is verified with Mozilla's root certificates and the CA
+//! certificates of `OTEL_EXPORTER_OTLP_CERTIFICATE`. Without an endpoint, or with `OTEL_TRACES_EXPORTER=none` or
 //! `OTEL_SDK_DISABLED=true`, nothing is exported: spans still get ids for the log lines, from a
 //! sampler that records nothing.
 //!
@@ -23,8 +24,10 @@ use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithTonicConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -45,6 +48,11 @@ pub const ENV_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 pub const ENV_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
 /// Name of the service in exported spans; the binary's name when unset.
 pub const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+/// PEM file of CA certificates that verify an `https` OTLP endpoint, in addition to Mozilla's
+/// root certificates.
+pub const ENV_OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+/// PEM file of CA certificates for the traces endpoint; wins over [`ENV_OTLP_CERTIFICATE`].
+pub const ENV_OTLP_TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
 
 /// How long the exit waits for the last spans to be exported.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -216,10 +224,33 @@ fn build_exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
             "{ENV_OTLP_PROTOCOL} is {protocol:?}, but only grpc is built in; unset it or set it to grpc"
         ));
     }
+    let extra_ca = std::env::var(ENV_OTLP_TRACES_CERTIFICATE)
+        .map(|path| (ENV_OTLP_TRACES_CERTIFICATE, path))
+        .or_else(|_| std::env::var(ENV_OTLP_CERTIFICATE).map(|path| (ENV_OTLP_CERTIFICATE, path)))
+        .ok()
+        .filter(|(_, path)| !path.trim().is_empty());
+    let tls = otlp_tls_config(extra_ca)?;
     opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
+        .with_tls_config(tls)
         .build()
         .map_err(|err| err.to_string())
+}
+
+/// Returns the TLS settings of the exporter: Mozilla's root certificates, plus the CA
+/// certificates in the PEM file of `extra_ca`, a `(variable, path)` pair. tonic uses them only
+/// for an `https` endpoint; an `http` endpoint stays plain.
+///
+/// # Errors
+/// Fails when the file cannot be read, naming the variable and the path.
+fn otlp_tls_config(extra_ca: Option<(&str, String)>) -> Result<ClientTlsConfig, String> {
+    let tls = ClientTlsConfig::new().with_webpki_roots();
+    let Some((variable, path)) = extra_ca else {
+        return Ok(tls);
+    };
+    let pem = std::fs::read(&path)
+        .map_err(|err| format!("read {variable} {path}: {err}; set it to a readable PEM file of CA certificates"))?;
+    Ok(tls.ca_certificate(Certificate::from_pem(pem)))
 }
 
 /// Builds the tracer provider: batched export to `exporter`, or a sampler that records nothing
@@ -401,5 +432,28 @@ mod tests {
     fn no_layer_means_no_headers() {
         let span = tracing::Span::none();
         assert_eq!(trace_headers(&span), None);
+    }
+
+    #[tokio::test]
+    async fn https_exporter_builds() {
+        use opentelemetry_otlp::WithExportConfig;
+
+        let tls = otlp_tls_config(None).expect("no file to read");
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint("https://127.0.0.1:4317")
+            .with_tls_config(tls)
+            .build();
+        assert!(exporter.is_ok(), "{:?}", exporter.err());
+    }
+
+    #[test]
+    fn unreadable_ca_file_is_named() {
+        let missing = "/nonexistent/otlp-ca.pem".to_owned();
+        let Err(message) = otlp_tls_config(Some((ENV_OTLP_CERTIFICATE, missing))) else {
+            panic!("a missing CA file was accepted");
+        };
+        assert!(message.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{message}");
+        assert!(message.contains("/nonexistent/otlp-ca.pem"), "{message}");
     }
 }

@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use notify_proto::pb::PublishRequest;
 use notify_proto::protocol::close;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -447,6 +447,78 @@ async fn socket_counts_are_capped() -> anyhow::Result<()> {
     assert_eq!(status, 503);
     Ok(())
 }
+
+/// Connections that have not upgraded are capped by `MAX_HTTP_CONNECTIONS`, from the accept to
+/// the upgrade: idle raw TCP connections fill the cap, and upgraded sockets do not count.
+async fn idle_http_connections_are_capped(mode: Mode) -> anyhow::Result<()> {
+    const CAP: usize = 4;
+    let options = Options::default().edge("MAX_HTTP_CONNECTIONS", CAP.to_string());
+    let Some(env) = start(mode, options).await? else {
+        return Ok(());
+    };
+
+    // Upgraded sockets leave the count, so more of them than the cap open one after another.
+    let mut sockets = Vec::new();
+    for _ in 0..CAP + 2 {
+        sockets.push(open_raw(&env, &token::valid("alice", &[]), None).await?);
+    }
+
+    // Idle connections take every place, and one more is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..CAP {
+        idle.push(TcpStream::connect(env.edge).await?);
+    }
+    let mut extra = TcpStream::connect(env.edge).await?;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(patience(), extra.read_to_end(&mut rest)).await;
+    ensure!(
+        closed.is_ok(),
+        "connection {} over MAX_HTTP_CONNECTIONS is still open",
+        CAP + 1
+    );
+    assert!(rest.is_empty(), "the rejected connection got a response: {rest:?}");
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(Duration::from_millis(200), idle[0].read(&mut byte)).await;
+    assert!(read.is_err(), "an idle connection within the cap was closed: {read:?}");
+
+    // A handshake needs a place too, until an idle connection goes away.
+    let handshake = TcpStream::connect(env.edge).await?;
+    let refused = tokio_tungstenite::client_async(env.ws_url(), handshake).await;
+    assert!(refused.is_err(), "a handshake over the cap was served");
+
+    // The rejected connection and the rejected handshake were counted.
+    let metrics = scrape_metrics(&env).await?;
+    let counted = "notify_edge_http_connections_rejected_total{listener=\"http\"} 2\n";
+    assert!(metrics.contains(counted), "no {counted:?} in {metrics}");
+
+    // Handshakes get through again once the idle connections are gone.
+    drop(idle);
+    let mut upgraded = None;
+    for _ in 0..50 {
+        if let Ok(socket) = open_raw(&env, &token::valid("bob", &[]), None).await {
+            upgraded = Some(socket);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    upgraded.context("the closed idle connections never freed their places")?;
+    drop(sockets);
+    Ok(())
+}
+
+/// Returns the text of the edge's `/metrics`.
+async fn scrape_metrics(env: &TestEnv) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(env.edge_metrics).await?;
+    let request = "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(patience(), stream.read_to_string(&mut response))
+        .await
+        .context("the metrics response timed out")??;
+    Ok(response)
+}
+
+in_both_modes!(idle_http_connections_are_capped);
 
 // === publish back-pressure ===
 

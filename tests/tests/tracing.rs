@@ -3,6 +3,7 @@
 //! call carry its trace id. Each test runs in both deployment modes.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +15,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use rand::Rng;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 // === A collector on loopback ===
 
@@ -73,6 +76,26 @@ impl Collector {
         Ok((collector, addr))
     }
 
+    /// Starts the collector with TLS on a loopback port, with a certificate for `127.0.0.1`
+    /// signed by a new CA. Returns it with its address and the path of the CA's PEM file.
+    async fn start_tls(name: &str) -> anyhow::Result<(Collector, SocketAddr, PathBuf)> {
+        let (ca_pem, cert_pem, key_pem) = certificates()?;
+        let ca_path = e2e::env::work_dir().join("certs").join(format!("{name}-ca.pem"));
+        std::fs::create_dir_all(ca_path.parent().context("the CA path has a parent")?)?;
+        std::fs::write(&ca_path, ca_pem)?;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let collector = Collector::default();
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)?
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        Ok((collector, addr, ca_path))
+    }
+
     /// Waits until the collector has received spans of `trace_id` with every name in `names`, and
     /// returns the spans of that trace.
     async fn wait_for(&self, trace_id: &[u8], names: &[&str]) -> anyhow::Result<Vec<Received>> {
@@ -103,6 +126,20 @@ impl Collector {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Returns a new CA's certificate, and a certificate for `127.0.0.1` that it signed with its key,
+/// all as PEM.
+fn certificates() -> anyhow::Result<(String, String, String)> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "e2e collector CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, &ca)?;
+    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
 }
 
 fn text(value: &AnyValue) -> Option<String> {
@@ -246,6 +283,45 @@ async fn trace_chain_distributed() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_chain_standalone() -> anyhow::Result<()> {
     spans_share_the_callers_trace(Mode::Standalone).await
+}
+
+// === Export to an https endpoint ===
+
+/// Spans reach a collector that listens with TLS, verified with the CA of
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+async fn spans_reach_an_https_collector(mode: Mode) -> anyhow::Result<()> {
+    let name = format!("{mode:?}-{}", hex(&rand::rng().random::<[u8; 8]>()));
+    let (collector, collector_addr, ca_path) = Collector::start_tls(&name).await?;
+    let endpoint = format!("https://{collector_addr}");
+    let ca_path = ca_path.display().to_string();
+    let options = Options::default()
+        .notifier("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone())
+        .notifier("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_path.clone())
+        .notifier("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .edge("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .edge("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_path)
+        .edge("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let Some(env) = deployment(mode, options).await? else {
+        return Ok(());
+    };
+    let mut alice = env.connect("alice").await?;
+    alice.subscribe("news").await?;
+
+    let caller = CallerTrace::random();
+    publish_traced(&env, &caller).await?;
+    alice.expect_type("post.created").await?;
+    collector.wait_for(&caller.trace_id, &["publish", "deliver"]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_export_distributed() -> anyhow::Result<()> {
+    spans_reach_an_https_collector(Mode::Distributed).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_export_standalone() -> anyhow::Result<()> {
+    spans_reach_an_https_collector(Mode::Standalone).await
 }
 
 // === JSON log lines carry the trace id ===

@@ -56,6 +56,9 @@ pub struct AdmissionLimits {
     pub max_sockets: usize,
     /// Maximum open sockets that wait for their `auth` frame, counted within `max_sockets`.
     pub max_unauthenticated: usize,
+    /// Maximum open connections on the HTTP and WebSocket port that have not upgraded, which
+    /// the accept loop counts; see [`Admission::max_http_connections`].
+    pub max_http_connections: usize,
     /// Maximum open sockets of one user.
     pub max_sockets_per_user: usize,
     /// Upgrades per second, and their burst.
@@ -156,6 +159,13 @@ impl Admission {
         *count += 1;
         slot.user = Some((self.users.clone(), user.to_owned()));
         Ok(())
+    }
+
+    /// Returns the maximum open connections on the HTTP and WebSocket port, from the accept to
+    /// the upgrade or the end. The accept loop enforces it: WebSocket sockets are not counted
+    /// in it but in `max_sockets`.
+    pub fn max_http_connections(&self) -> usize {
+        self.limits.max_http_connections
     }
 
     /// Returns the number of open sockets, counted from the accepted upgrade.
@@ -270,6 +280,7 @@ mod tests {
         Arc::new(Admission::new(AdmissionLimits {
             max_sockets,
             max_unauthenticated: 2,
+            max_http_connections: 10,
             max_sockets_per_user: 2,
             handshake: (nonzero(1), nonzero(handshake_burst)),
             socket_messages: (nonzero(1), nonzero(3)),

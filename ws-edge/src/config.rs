@@ -40,6 +40,12 @@ pub const MIN_SOCKET_QUEUE_BYTES: usize = 64 * 1024;
 /// Share of `MAX_SOCKETS` that sockets still waiting for their `auth` frame may take by default,
 /// in percent.
 pub const DEFAULT_UNAUTHENTICATED_SHARE_PERCENT: usize = 10;
+/// Share of `MAX_SOCKETS` that connections still speaking HTTP (not yet upgraded) may take by
+/// default on the HTTP and WebSocket port, in percent.
+pub const DEFAULT_HTTP_CONNECTIONS_SHARE_PERCENT: usize = 10;
+/// Smallest default of `MAX_HTTP_CONNECTIONS`, so that a small `MAX_SOCKETS` still leaves room
+/// for handshakes next to the load balancer's health checks.
+pub const MIN_DEFAULT_HTTP_CONNECTIONS: usize = 64;
 /// Default maximum number of subscriptions per socket.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
 /// Default maximum number of open sockets of one user; more close with 4029 after authentication.
@@ -180,6 +186,12 @@ pub struct Config {
     #[arg(long, env = "MAX_UNAUTHENTICATED_SOCKETS", value_parser = parse_positive)]
     pub max_unauthenticated_sockets: Option<usize>,
 
+    /// Maximum open connections on the HTTP and WebSocket port that are not WebSocket sockets
+    /// yet: handshakes in progress and plain HTTP requests. More are closed at once, without a
+    /// response. Default: 10% of `MAX_SOCKETS`, at least 64.
+    #[arg(long, env = "MAX_HTTP_CONNECTIONS", value_parser = parse_positive)]
+    pub max_http_connections: Option<usize>,
+
     /// Maximum number of open sockets of one user; more close with 4029 after authentication.
     #[arg(long, env = "MAX_SOCKETS_PER_USER", default_value_t = DEFAULT_MAX_SOCKETS_PER_USER, value_parser = parse_positive)]
     pub max_sockets_per_user: usize,
@@ -294,6 +306,7 @@ impl Config {
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             max_sockets: None,
             max_unauthenticated_sockets: None,
+            max_http_connections: None,
             max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
             handshake_rate: DEFAULT_HANDSHAKE_RATE,
             handshake_burst: DEFAULT_HANDSHAKE_BURST,

@@ -1,79 +1,14 @@
-//! The HTTP accept loop, in place of `warp::serve`: warp 0.4.3 sets no timer on hyper's
-//! connection builder, so a client that never finishes its request headers would hold its
-//! connection open forever. Here each connection gets hyper's `header_read_timeout`.
+//! The edge's use of the shared HTTP accept loop ([`notify_proto::http_server`]): the filter
+//! that reads the client's address it records, and its header read timeout.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use notify_proto::telemetry::throttle::{self, LogThrottle};
-use tokio::net::TcpListener;
-use warp::filters::BoxedFilter;
-use warp::http::Request;
-use warp::reply::Response;
+use notify_proto::http_server::ClientAddr;
+pub use notify_proto::http_server::HEADER_READ_TIMEOUT;
 
-/// Time a client has to send the headers of a request, from the connection's start or the end
-/// of its previous request. A client that takes longer is disconnected without a response.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after an accept error such as too many open files, so that the loop does not spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-/// Accept errors repeat every [`ACCEPT_ERROR_PAUSE`] while file descriptors run out, so their
-/// warning is rate-limited.
-static ACCEPT_FAILED_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
-
-/// The client's address, in each request's extensions; [`client_addr`] reads it.
-#[derive(Debug, Clone, Copy)]
-struct ClientAddr(SocketAddr);
-
-/// Returns a filter that extracts the client's address, when the request came through [`serve`].
+/// Returns a filter that extracts the client's address, when the request came through
+/// [`notify_proto::http_server::serve`].
 pub fn client_addr() -> impl warp::Filter<Extract = (Option<SocketAddr>,), Error = std::convert::Infallible> + Clone {
     use warp::Filter;
     warp::ext::optional::<ClientAddr>().map(|addr: Option<ClientAddr>| addr.map(|ClientAddr(addr)| addr))
-}
-
-/// Serves `routes` on `listener` until `stop` resolves, then closes the listener and waits for
-/// the requests in progress. Upgraded WebSocket connections are no longer the server's by then,
-/// so the caller bounds this wait and drains the sockets itself.
-pub async fn serve(listener: TcpListener, routes: BoxedFilter<(Response,)>, stop: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
-    let mut stop = std::pin::pin!(stop);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut stop => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, remote) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                if let Some(suppressed) = ACCEPT_FAILED_LOG.allow() {
-                    tracing::warn!(error = %err, suppressed, "accepting a connection failed");
-                }
-                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                continue;
-            }
-        };
-        let service = TowerToHyperService::new(warp::service(routes.clone()));
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(remote));
-            hyper::service::Service::call(&service, request)
-        });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(client.addr = %remote, error = %err, "HTTP connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
 }

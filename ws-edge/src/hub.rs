@@ -44,6 +44,8 @@ pub struct Delivery {
 enum Offered {
     /// Queued to the socket, or buffered while the subscription recovers.
     Queued,
+    /// Queued to a socket whose queue was empty, which the caller writes after its lock.
+    ToWrite,
     /// Queued, replacing an older frame with the same conflation key.
     Replaced,
     /// Not for this socket, or dropped.
@@ -68,8 +70,8 @@ pub struct Socket {
     pub conn_id: String,
     /// The token's `sub`.
     pub user_id: String,
-    /// Frames waiting for the socket's writer.
-    pub queue: Outbound,
+    /// The socket's outbound queue, which writes to it.
+    pub queue: Arc<Outbound>,
 }
 
 /// One socket's subscription to one channel.
@@ -173,20 +175,22 @@ impl Subscription {
 
     /// Offers a delivered event: queues, buffers or drops it according to the state. A live
     /// subscription passes the event's conflation key to the socket's queue, and counts itself
-    /// in the event's delivery span when it has one.
+    /// in the event's delivery span when it has one. The frame is not written yet: for
+    /// [`Offered::ToWrite`], the caller calls the queue's `write_now`.
     fn offer(&self, delivery: &Delivery, key: Option<&Arc<str>>, trace: Option<&Arc<DeliveryTrace>>) -> Offered {
         if !delivery.is_for(&self.socket.user_id) {
             return Offered::Skipped;
         }
         let mut state = self.lock();
         match &mut *state {
-            State::Live => match self.socket.queue.push_traced(
+            State::Live => match self.socket.queue.push_deferred(
                 delivery.frame.clone(),
                 key.cloned(),
                 trace.map(DeliveryTrace::frame),
             ) {
-                Ok(Pushed::Queued) => Offered::Queued,
-                Ok(Pushed::Replaced) => Offered::Replaced,
+                Ok((Pushed::Queued, true)) => Offered::ToWrite,
+                Ok((Pushed::Queued, false)) => Offered::Queued,
+                Ok((Pushed::Replaced, _)) => Offered::Replaced,
                 Err(_) => {
                     *state = State::Removed;
                     Offered::Skipped
@@ -352,6 +356,10 @@ impl Hub {
 
     /// Delivers consecutive events of one partition, in sequence order, to the subscribers of
     /// their channels and to the recent window, and advances the head.
+    ///
+    /// The frames are queued under the shard's lock and written after it, so that the writes do
+    /// not hold up subscribes; a socket that gets several events of the batch gets them in one
+    /// write.
     pub fn deliver(&self, partition: u32, batch: Vec<Delivery>) {
         let Some(last) = batch.last().map(|delivery| delivery.seq) else {
             return;
@@ -362,6 +370,7 @@ impl Hub {
             .delivered(partition, batch.iter().map(|delivery| delivery.committed_ms));
         // Counted here and added once per batch, so that the fan-out takes no lock per frame.
         let (mut queued, mut replaced) = (0, 0);
+        let mut to_write = Vec::new();
         let mut state = self.lock(partition);
         for mut delivery in batch {
             let trace = delivery.trace.take();
@@ -370,6 +379,10 @@ impl Hub {
                 for subscriber in subscribers {
                     match subscriber.offer(&delivery, key.as_ref(), trace.as_ref()) {
                         Offered::Queued => queued += 1,
+                        Offered::ToWrite => {
+                            queued += 1;
+                            to_write.push(subscriber.socket.clone());
+                        }
                         Offered::Replaced => replaced += 1,
                         Offered::Skipped => {}
                     }
@@ -380,6 +393,9 @@ impl Hub {
         }
         state.head = Some(last);
         drop(state);
+        for socket in to_write {
+            socket.queue.write_now();
+        }
         drop(traces);
         self.metrics.events_delivered.inc_by(queued + replaced);
         if replaced > 0 {
@@ -481,7 +497,7 @@ pub(crate) mod tests {
         Arc::new(Socket {
             conn_id: format!("conn-{user_id}"),
             user_id: user_id.into(),
-            queue: Outbound::new(QueueLimits { frames, bytes: 1 << 20 }),
+            queue: Arc::new(Outbound::new(QueueLimits { frames, bytes: 1 << 20 })),
         })
     }
 

@@ -8,11 +8,12 @@
 //! - [`routes`]: the warp filters for `/ws`, `/healthz`, `/readyz` and the demo page.
 //! - [`upgrade`]: the WebSocket handshake, with small per-socket buffers.
 //! - [`session`]: one socket's life: authentication, the reader loop, subscriptions, the end.
-//! - [`writer`]: one socket's writer task: batched writes, pings, close codes.
+//! - [`writer`]: one socket's writer task: writes a full socket held back, pings, close codes.
+//! - [`wire`]: server frame headers and the socket's write half.
 //! - [`admission`]: handshake rate, socket counts and client message rates.
 //! - [`conflate`]: replacement of queued events by newer ones with the same key, per channel prefix.
 //! - [`metrics`]: the Prometheus metrics: sockets, deliveries, drops, closes, lag, errors.
-//! - [`outbound`]: the bounded per-socket queue that the fan-out pushes into without waiting.
+//! - [`outbound`]: the bounded per-socket queue, written straight to the socket while it keeps up.
 //! - [`frames`]: the client protocol's requests and control replies.
 //! - [`auth`]: token verification and channel authorization.
 //! - [`jwks`]: the identity provider's key set: cache, refresh, rate-limited refetch.
@@ -54,6 +55,7 @@ pub mod stream;
 #[cfg(test)]
 mod testing;
 pub mod upgrade;
+pub mod wire;
 pub mod writer;
 
 pub use config::Config;

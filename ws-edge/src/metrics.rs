@@ -48,6 +48,21 @@ pub struct OperationLabel {
     pub operation: &'static str,
 }
 
+/// Label set naming one of the edge's HTTP listeners.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// One of the [`listener`] constants.
+    pub listener: &'static str,
+}
+
+/// `listener` values of `http_connections_rejected_total`.
+pub mod listener {
+    /// The HTTP and WebSocket port, `EDGE_LISTEN`.
+    pub const HTTP: &str = "http";
+    /// The metrics port, `EDGE_METRICS_LISTEN`.
+    pub const METRICS: &str = "metrics";
+}
+
 /// `reason` values of `upgrades_rejected_total`.
 pub mod upgrade_rejected {
     /// HTTP 429: over `HANDSHAKE_RATE`.
@@ -120,6 +135,7 @@ fn close_code(code: u16) -> &'static str {
 #[derive(Debug)]
 pub struct Metrics {
     upgrades_rejected: Family<ReasonLabel, Counter>,
+    http_connections_rejected: Family<ListenerLabel, Counter>,
     sockets_closed: Family<CloseLabels, Counter>,
     /// Client messages dropped by a message rate limit.
     pub messages_dropped_rate_limited: Counter,
@@ -151,6 +167,7 @@ impl Metrics {
         };
         Self {
             upgrades_rejected: Family::default(),
+            http_connections_rejected: Family::default(),
             sockets_closed: Family::default(),
             messages_dropped_rate_limited: messages_dropped
                 .get_or_create_owned(&ReasonLabel { reason: "rate_limited" }),
@@ -180,6 +197,11 @@ impl Metrics {
             "upgrades_rejected",
             "WebSocket upgrades rejected before the handshake, by reason",
             self.upgrades_rejected.clone(),
+        );
+        registry.register(
+            "http_connections_rejected",
+            "Connections closed at once because the listener had its maximum of open HTTP connections, by listener",
+            self.http_connections_rejected.clone(),
         );
         registry.register(
             "sockets_closed",
@@ -227,6 +249,13 @@ impl Metrics {
     /// Counts an upgrade rejected before the handshake.
     pub fn upgrade_rejected(&self, reason: &'static str) {
         self.upgrades_rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Returns the counter of connections that `listener` (one of the [`listener`] constants)
+    /// closed because it had its maximum of open HTTP connections.
+    pub fn http_connections_rejected(&self, listener: &'static str) -> Counter {
+        self.http_connections_rejected
+            .get_or_create_owned(&ListenerLabel { listener })
     }
 
     /// Counts a socket that ended with close `code`, for the reason its code stands for.

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use notify_proto::auth_header::bearer_credentials;
+use notify_proto::http_server::{self, ConnectionLimits, MAX_METRICS_CONNECTIONS};
 use notify_proto::metrics::MetricsRegistry;
+use prometheus_client::metrics::counter::Counter;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -149,9 +151,12 @@ fn open_socket(upgrade: Upgrade, handshake: Handshake, remote: Option<SocketAddr
         user_id = tracing::field::Empty,
         conn_id = tracing::field::Empty,
     );
-    let (config, sessions) = (edge.socket_config, edge.sessions.clone());
-    let mut response =
-        span.in_scope(|| upgrade.respond(config, &sessions, move |socket| session::run(socket, edge, token, slot)));
+    let (config, limits, sessions) = (edge.socket_config, edge.limits.queue, edge.sessions.clone());
+    let mut response = span.in_scope(|| {
+        upgrade.respond(config, limits, &sessions, move |connection| {
+            session::run(connection, edge, token, slot)
+        })
+    });
     // Echo only the protocol name, because the `bearer.` entry contains the token.
     if handshake.notify_subprotocol && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         response.headers_mut().insert(
@@ -198,10 +203,13 @@ fn reject_upgrade(edge: &Edge, rejected: Rejected, remote: Option<SocketAddr>) -
 
 /// Serves `GET /metrics`, the OpenMetrics text of `registry`, on `listener` until `stop`
 /// resolves. It is a listener of its own (`EDGE_METRICS_LISTEN`), so that the public WebSocket
-/// port does not expose the metrics and needs no rule to hide them.
+/// port does not expose the metrics and needs no rule to hide them. At most
+/// [`MAX_METRICS_CONNECTIONS`] connections are served at once; one more is closed at once and
+/// counted in `rejected`.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     registry: MetricsRegistry,
+    rejected: Counter,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {
@@ -212,9 +220,10 @@ pub async fn serve_metrics(
         )
         .into_response()
     });
-    // The edge's own accept loop, for its header read timeout: a client that opens a connection
-    // and sends nothing is disconnected after `http::HEADER_READ_TIMEOUT`.
-    crate::http::serve(listener, metrics.boxed(), stop).await;
+    // The shared accept loop, for its header read timeout: a client that opens a connection and
+    // sends nothing is disconnected after `http::HEADER_READ_TIMEOUT`.
+    let limits = ConnectionLimits::new(MAX_METRICS_CONNECTIONS, rejected);
+    http_server::serve(listener, warp::service(metrics), limits, stop).await;
 }
 
 /// Returns 200 while the stream reader runs and the edge is not draining, else 503.

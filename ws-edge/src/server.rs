@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use notify_proto::frame::FrameOptions;
 use notify_proto::history::HistoryStore;
+use notify_proto::http_server::{self, ConnectionLimits};
 use notify_proto::log::LogReader;
 use notify_proto::metrics::MetricsRegistry;
 use tokio::net::TcpListener;
@@ -17,17 +18,20 @@ use warp::{Filter, Reply};
 
 use crate::admission::{self, Admission, AdmissionLimits};
 use crate::auth::{ChannelPolicy, Verifier};
-use crate::config::{Config, DEFAULT_UNAUTHENTICATED_SHARE_PERCENT};
+use crate::config::{
+    Config, DEFAULT_HTTP_CONNECTIONS_SHARE_PERCENT, DEFAULT_UNAUTHENTICATED_SHARE_PERCENT, MIN_DEFAULT_HTTP_CONNECTIONS,
+};
 use crate::conflate::Conflation;
 use crate::demo::DemoConfig;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::metrics::listener;
 use crate::origin::OriginPolicy;
 use crate::outbound::QueueLimits;
 use crate::recent::RecentLimits;
 use crate::recovery::Recovery;
-use crate::{http, routes, upgrade};
+use crate::{routes, upgrade};
 
 /// Per-socket limits taken from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -131,17 +135,27 @@ impl Edge {
 /// open-files limit and takes a share of it.
 fn admission_limits(config: &Config) -> AdmissionLimits {
     let max_sockets = config.max_sockets.unwrap_or_else(admission::default_max_sockets);
-    let share = max_sockets / 100 * DEFAULT_UNAUTHENTICATED_SHARE_PERCENT
-        + max_sockets % 100 * DEFAULT_UNAUTHENTICATED_SHARE_PERCENT / 100;
+    let unauthenticated_share = percent_of(max_sockets, DEFAULT_UNAUTHENTICATED_SHARE_PERCENT);
+    let http_share = percent_of(max_sockets, DEFAULT_HTTP_CONNECTIONS_SHARE_PERCENT);
     AdmissionLimits {
         max_sockets,
-        max_unauthenticated: config.max_unauthenticated_sockets.unwrap_or(share.max(1)),
+        max_unauthenticated: config
+            .max_unauthenticated_sockets
+            .unwrap_or(unauthenticated_share.max(1)),
+        max_http_connections: config
+            .max_http_connections
+            .unwrap_or(http_share.max(MIN_DEFAULT_HTTP_CONNECTIONS)),
         max_sockets_per_user: config.max_sockets_per_user,
         handshake: (config.handshake_rate, config.handshake_burst),
         socket_messages: (config.socket_message_rate, config.socket_message_burst),
         user_messages: (config.user_message_rate, config.user_message_burst),
         rate_limit_keys: config.rate_limit_keys,
     }
+}
+
+/// Returns `percent` percent of `total`, rounded down, without overflowing.
+fn percent_of(total: usize, percent: usize) -> usize {
+    total / 100 * percent + total % 100 * percent / 100
 }
 
 /// Serves the edge on `listener`, and `registry`'s metrics at `/metrics` on `metrics_listener`
@@ -172,7 +186,13 @@ pub async fn serve(
             .local_addr()
             .context("read the metrics listener's address")?;
         let stop = edge.shutdown.clone().cancelled_owned();
-        tokio::spawn(routes::serve_metrics(metrics_listener, registry.clone(), stop));
+        let rejected = edge.metrics.http_connections_rejected(listener::METRICS);
+        tokio::spawn(routes::serve_metrics(
+            metrics_listener,
+            registry.clone(),
+            rejected,
+            stop,
+        ));
         tracing::info!(service = "metrics", addr = %metrics_addr, "listening");
     }
 
@@ -187,9 +207,14 @@ pub async fn serve(
     // Serve until the signal. The listener stays open during the drain and returns 503 to
     // upgrades and to `/readyz`, then closes when the drain ends.
     let server_stop = CancellationToken::new();
-    let routes = routes::routes(edge.clone()).map(Reply::into_response).boxed();
+    let routes = warp::service(routes::routes(edge.clone()).map(Reply::into_response).boxed());
+    // The accept loop counts each connection until it upgrades or closes, so it also bounds
+    // handshakes in progress, which MAX_SOCKETS does not count yet.
+    let rejected = edge.metrics.http_connections_rejected(listener::HTTP);
+    let limits = ConnectionLimits::new(edge.admission.max_http_connections(), rejected);
     tracing::info!(service = "http", addr = %addr, "listening");
-    let mut server = tokio::spawn(http::serve(listener, routes, server_stop.clone().cancelled_owned()));
+    let stop = server_stop.clone().cancelled_owned();
+    let mut server = tokio::spawn(http_server::serve(listener, routes, limits, stop));
     tokio::select! {
         () = shutdown => {}
         result = &mut server => {

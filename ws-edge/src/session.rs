@@ -5,8 +5,9 @@
 //!    sent before the token is verified: 4001 without a token, 4002 with an invalid one.
 //!    While the socket lives, a `token_expiring` frame comes `TOKEN_EXPIRY_WARNING` before the
 //!    token's expiry, and the socket closes with 4003 at the expiry unless `refresh` moved it.
-//! 2. Run: the writer task ([`crate::writer`]) drains the socket's outbound queue, while this
-//!    task reads client frames and replies to them through the same queue.
+//! 2. Run: this task reads client frames and replies through the socket's outbound queue, which
+//!    the fan-out writes into too; the writer task ([`crate::writer`]) writes what a full socket
+//!    buffer held back, pings idle peers and sends the close frame.
 //! 3. End together: when the reader stops (peer closed, read error, token expired), it requests
 //!    the ending through the queue and waits for the writer. When the writer stops (slow
 //!    consumer, shutdown, idle peer, write error), the reader stops too. Then every subscription
@@ -16,12 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use notify_proto::claims::Claims;
 use notify_proto::protocol::{close, error_code};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tracing::Instrument;
 
@@ -33,6 +33,7 @@ use crate::metrics;
 use crate::outbound::{Ending, Outbound};
 use crate::recovery::{RecoveryError, fits_at_once};
 use crate::server::Edge;
+use crate::upgrade::{Connection, WebSocket};
 use crate::writer::{self, Activity, WRITE_TIMEOUT, WriteError};
 
 /// Time a client has to send its `auth` frame when the URL carries no token.
@@ -46,14 +47,13 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// A close code and reason sent before authentication completes.
 type Rejection = (u16, &'static str);
 
-/// Runs one upgraded socket to its end. `token` is the token from the URL or header, if any;
+/// Runs one upgraded connection to its end. `token` is the token from the URL or header, if any;
 /// `slot` is the socket's place in the socket counts, held until the end.
-pub async fn run<S>(socket: S, edge: Arc<Edge>, token: Option<String>, mut slot: SocketSlot)
-where
-    S: Stream<Item = Result<Message, tungstenite::Error>> + Sink<Message, Error = tungstenite::Error>,
-    S: Send + Unpin + 'static,
-{
-    let (mut sink, mut stream) = socket.split();
+pub async fn run(connection: Connection, edge: Arc<Edge>, token: Option<String>, mut slot: SocketSlot) {
+    let Connection {
+        socket: mut stream,
+        queue,
+    } = connection;
     let authenticated = tokio::select! {
         // Boxed: verifying a token may fetch the JWKS, which makes this future several KiB.
         result = Box::pin(authenticate(&mut stream, &edge.verifier, token)) => result,
@@ -76,24 +76,19 @@ where
             };
             edge.metrics.socket_ended(label, Some(code));
             tracing::debug!(code, reason, "rejected socket before authentication");
-            let frame = CloseFrame {
-                code: code.into(),
-                reason: reason.into(),
-            };
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            let _ = writer::close(&queue, Ending::Close(code, reason)).await;
             await_close_reply(&mut stream).await;
             return;
         }
     };
 
-    let session = Session::new(edge, claims, slot);
+    let session = Session::new(edge, claims, slot, queue);
     let span = tracing::Span::current();
     span.record("user_id", session.socket.user_id.as_str());
     span.record("conn_id", session.socket.conn_id.as_str());
     tracing::debug!("socket authenticated");
     let writer = tokio::spawn(
         writer::run(
-            sink,
             session.socket.clone(),
             session.activity.clone(),
             session.edge.shutdown.clone(),
@@ -178,11 +173,11 @@ struct Session {
 }
 
 impl Session {
-    fn new(edge: Arc<Edge>, claims: Claims, slot: SocketSlot) -> Self {
+    fn new(edge: Arc<Edge>, claims: Claims, slot: SocketSlot, queue: Arc<Outbound>) -> Self {
         let socket = Arc::new(Socket {
             conn_id: uuid::Uuid::now_v7().to_string(),
             user_id: claims.sub.clone(),
-            queue: Outbound::new(edge.limits.queue),
+            queue,
         });
         let expires = expiry(&claims, edge.limits.jwt_leeway);
         let warn_at = Some(warning_time(&claims, edge.limits.token_expiry_warning));
@@ -202,10 +197,7 @@ impl Session {
     }
 
     /// Sends `connected`, reads until either side ends, then cleans up.
-    async fn run<S>(mut self, mut stream: S, mut writer: JoinHandle<Result<Ending, WriteError>>)
-    where
-        S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
-    {
+    async fn run(mut self, mut stream: WebSocket, mut writer: JoinHandle<Result<Ending, WriteError>>) {
         let connected = Reply::Connected {
             user_id: &self.socket.user_id,
             conn_id: &self.socket.conn_id,
@@ -253,14 +245,11 @@ impl Session {
 
     /// Reads client frames until the socket ends. Returns the writer's result when the writer
     /// ended first.
-    async fn read_loop<S>(
+    async fn read_loop(
         &mut self,
-        stream: &mut S,
+        stream: &mut WebSocket,
         writer: &mut JoinHandle<Result<Ending, WriteError>>,
-    ) -> Option<Result<Ending, WriteError>>
-    where
-        S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
-    {
+    ) -> Option<Result<Ending, WriteError>> {
         loop {
             let ending = tokio::select! {
                 result = &mut *writer => return Some(result.unwrap_or_else(|err| Err(WriteError::Failed(err.to_string())))),
@@ -282,6 +271,8 @@ impl Session {
                     Flow::End(ending) => ending,
                 },
             };
+            // tungstenite queues its reply to a client's close until the next write or flush.
+            let _ = stream.flush().await;
             self.socket.queue.end(ending);
             return None;
         }

@@ -177,19 +177,19 @@ impl LogReader for RedisLog {
         })
     }
 
+    /// Reads the last entry with `XREVRANGE <key> + - COUNT 1`. An entry id that is not text
+    /// fails the reply's conversion, and one not of the form `0-<seq>` fails
+    /// [`entry::last_seq`], so that a foreign entry is an error rather than an empty stream.
     async fn last_seq(&self, partition: u32) -> Result<u64, LogError> {
         let key = stream_key(&self.prefix, partition);
         let mut connection = self.connection().await?;
-        let last: Value = redis::cmd("XREVRANGE")
+        let entries: Vec<(String, Value)> = redis::cmd("XREVRANGE")
             .arg(&key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
+            .arg(&["+", "-", "COUNT", "1"])
             .query_async(&mut connection)
             .await
             .map_err(unavailable)?;
-        Ok(first_seq(&last))
+        entry::last_seq(&key, entries.first().map(|(id, _)| id.as_str()))
     }
 }
 
@@ -396,6 +396,27 @@ mod tests {
         let missing = log.range(9, 0, 10).await.expect("range succeeds");
         assert_eq!(missing, RangePage::default());
         assert_eq!(log.last_seq(9).await.expect("last_seq succeeds"), 0);
+    }
+
+    #[tokio::test]
+    async fn last_seq_rejects_a_foreign_entry() {
+        let keys = Keys::new();
+        let log = RedisLog::connect(REDIS_URL, &keys.prefix).expect("valid URL");
+        let key = stream_key(&keys.prefix, 1);
+
+        // An id that Redis generates (`<ms>-<n>`) is not one a notifier writes.
+        let id: String = keys
+            .connection()
+            .await
+            .xadd(&key, "*", &[("f", "v")])
+            .await
+            .expect("XADD succeeds");
+        let Err(LogError::Unavailable(message)) = log.last_seq(1).await else {
+            panic!("last_seq accepted the entry id {id}");
+        };
+        assert!(message.contains(&key), "{message}");
+        assert!(message.contains(&id), "{message}");
+        keys.delete(2).await;
     }
 
     #[tokio::test]

@@ -5,10 +5,24 @@
 //! allocated up front. Its `Message::text` also takes a `String`, so each recipient would need its
 //! own copy of an event frame. This filter keeps `warp::ws()` for validating the handshake
 //! headers, takes hyper's upgrade handle from the request, and builds the tungstenite socket with
-//! our own config, whose `Message::Text` takes the shared `Utf8Bytes`.
+//! our own config.
+//!
+//! tungstenite only reads. The connection's TCP stream is split: its read half feeds tungstenite,
+//! and its write half goes to the socket's [`Outbound`] queue, which writes event frames straight
+//! to the socket (see [`crate::outbound`]). The few frames tungstenite writes itself, its replies
+//! to pings and to the client's close, enter that queue too, so that every write keeps its place.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -18,16 +32,67 @@ use warp::Filter;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
+use crate::outbound::{Outbound, QueueLimits};
+use crate::wire::Wire;
+
 /// Bytes tungstenite reads from the socket at a time; its buffer grows only for larger frames.
 /// Client frames are small (a subscribe is about 100 bytes, a refresh with its token about
 /// 1 KiB), and every idle socket keeps this buffer, so it is small too.
 pub const READ_BUFFER_BYTES: usize = 512;
-/// Bytes tungstenite collects before writing to the socket without a flush. The writer flushes
-/// after each batch, so this only splits large batches into several writes.
-pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Bytes tungstenite collects before handing its own frames (pongs, close replies) over.
+pub const WRITE_BUFFER_BYTES: usize = 1024;
 
-/// An upgraded connection, the type a session runs on.
-pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// The client's side of an upgraded connection, read by tungstenite.
+pub type WebSocket = WebSocketStream<ClientIo>;
+
+/// An upgraded connection: the client's frames, and the queue of the frames sent to it.
+pub struct Connection {
+    /// The client's frames.
+    pub socket: WebSocket,
+    /// The frames for the client, written to the connection's write half.
+    pub queue: Arc<Outbound>,
+}
+
+/// The I/O tungstenite runs on: reads come from the TCP read half, after any bytes hyper read
+/// past the handshake, and writes go to the socket's outbound queue as framed bytes.
+pub struct ClientIo {
+    read: OwnedReadHalf,
+    /// Bytes the client sent right behind its handshake, which hyper had already read.
+    early: Bytes,
+    queue: Arc<Outbound>,
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.early.is_empty() {
+            return Pin::new(&mut this.read).poll_read(cx, buf);
+        }
+        let len = this.early.len().min(buf.remaining());
+        buf.put_slice(&this.early[..len]);
+        this.early.advance(len);
+        if this.early.is_empty() {
+            this.early = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // tungstenite writes whole frames, and the queue takes them without waiting.
+        self.queue.push_framed(Bytes::copy_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
 
 /// A validated upgrade request.
 pub struct Upgrade {
@@ -53,9 +118,8 @@ pub fn upgrade() -> impl Filter<Extract = (Upgrade,), Error = warp::Rejection> +
 /// Returns tungstenite's settings for a socket.
 ///
 /// Frames and messages above `max_message_bytes` fail the read with a capacity error, which the
-/// session turns into close code 1009. The write buffer has no cap of its own: the writer feeds
-/// at most one batch before a flush, and a batch is bounded by the outbound queue, whose bytes
-/// plus one frame of any size (an event may be larger than `SOCKET_QUEUE_BYTES`).
+/// session turns into close code 1009. tungstenite writes only control frames, each at most
+/// 127 bytes, and hands them to the outbound queue at once, whose limits bound them.
 pub fn socket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -66,11 +130,17 @@ pub fn socket_config(max_message_bytes: usize) -> WebSocketConfig {
 }
 
 impl Upgrade {
-    /// Returns the `101 Switching Protocols` response, and runs `handle` on the socket (tracked
-    /// by `tracker`) once hyper hands the connection over.
-    pub fn respond<F, Fut>(self, config: WebSocketConfig, tracker: &TaskTracker, handle: F) -> Response
+    /// Returns the `101 Switching Protocols` response, and runs `handle` on the connection
+    /// (tracked by `tracker`), with an outbound queue of `limits`, once hyper hands it over.
+    pub fn respond<F, Fut>(
+        self,
+        config: WebSocketConfig,
+        limits: QueueLimits,
+        tracker: &TaskTracker,
+        handle: F,
+    ) -> Response
     where
-        F: FnOnce(WebSocket) -> Fut + Send + 'static,
+        F: FnOnce(Connection) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Ok(accept) = HeaderValue::from_str(&self.accept_key) else {
@@ -78,13 +148,25 @@ impl Upgrade {
             return status(StatusCode::BAD_REQUEST);
         };
         let upgrade = async move {
-            match self.on_upgrade.await {
-                Ok(upgraded) => {
-                    let io = TokioIo::new(upgraded);
-                    handle(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await).await;
-                }
-                Err(err) => tracing::debug!(error = %err, "websocket upgrade failed"),
-            }
+            let upgraded = match self.on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(err) => return tracing::debug!(error = %err, "websocket upgrade failed"),
+            };
+            // The accept loop serves every connection as a `TokioIo<TcpStream>`, see
+            // `notify_proto::http_server`.
+            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => parts,
+                Err(_) => return tracing::error!("websocket upgrade of a connection that is not TCP; dropped"),
+            };
+            let (read, write) = parts.io.into_inner().into_split();
+            let queue = Arc::new(Outbound::with_wire(limits, Wire::new(write)));
+            let io = ClientIo {
+                read,
+                early: detach(parts.read_buf),
+                queue: queue.clone(),
+            };
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            handle(Connection { socket, queue }).await;
         };
         tracker.spawn(upgrade.in_current_span());
 
@@ -94,6 +176,17 @@ impl Upgrade {
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         response
+    }
+}
+
+/// Returns `early` in an allocation of its own. hyper hands over the bytes it read past the
+/// handshake as a view of its read buffer, at least 8 KiB, which would otherwise stay allocated
+/// for as long as the socket is open, even when the view is empty.
+fn detach(early: Bytes) -> Bytes {
+    if early.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&early)
     }
 }
 
