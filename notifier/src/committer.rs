@@ -1,12 +1,19 @@
-//! One committer task and one appender task per partition. The committer takes the waiting
-//! publish requests as one batch, commits them in one transaction, replies to each request, and
-//! hands the new events to the appender, which appends each batch to the partition's stream with
-//! one call. The committer never waits for the stream, so a slow or frozen Redis does not delay
-//! acknowledgements. Because one appender per partition appends the batches in commit order,
-//! this process never appends a partition out of order. The work runs in the tasks, so a caller
-//! that goes away after the commit still gets its event appended.
+//! The committers and the appenders. A notifier runs `COMMIT_CONCURRENCY` committer tasks (one by
+//! default), and committer `i` takes the partitions `p` with `p % committers == i`. A committer
+//! takes the waiting publish requests of all its partitions as one batch, commits them in one
+//! transaction, replies to each request, and hands each partition's new events to that
+//! partition's appender task, which appends them to the partition's stream with one call. Paying
+//! the transaction once per batch instead of once per partition and batch is what lets the store
+//! keep up with many partitions at once.
+//!
+//! The committer never waits for the stream, so a slow or frozen Redis does not delay
+//! acknowledgements. Each partition has one committer, which commits its batches one after the
+//! other, and one appender, which appends them in that order, so this process never appends a
+//! partition out of order. The work runs in the tasks, so a caller that goes away after the
+//! commit still gets its event appended.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use notify_proto::log::LogWriter;
@@ -22,7 +29,8 @@ use crate::relay::Lanes;
 use crate::spans;
 use crate::store::{NewEvent, Outcome, Store};
 
-/// Maximum number of requests committed in one transaction.
+/// Maximum number of requests committed in one transaction, over all of a committer's
+/// partitions.
 pub const MAX_BATCH: usize = 256;
 
 /// Committed batches waiting for their partition's appender. When the queue is full, because
@@ -37,8 +45,9 @@ static APPEND_FAILED_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTER
 /// One line per interval while the appenders fall behind, such as while Redis is slow.
 static APPEND_QUEUE_FULL_LOG: LogThrottle = LogThrottle::new(throttle::DEFAULT_INTERVAL);
 
-/// A publish request waiting in a partition's queue.
+/// A publish request waiting in a committer's queue.
 struct Request {
+    partition: u32,
     event: NewEvent,
     /// Receives the response. Dropped without a response only when the committer is aborted at
     /// the end of the shutdown grace period, which the caller sees as [`Error::ShuttingDown`].
@@ -47,14 +56,46 @@ struct Request {
     span: tracing::Span,
 }
 
-/// Hands publish requests to the partitions' committers.
+/// Number of requests waiting for each partition, so that each partition's share of its
+/// committer's queue stays bounded.
+#[derive(Debug)]
+struct Depths {
+    waiting: Box<[AtomicUsize]>,
+    /// Maximum number of waiting requests per partition.
+    capacity: usize,
+}
+
+impl Depths {
+    /// Counts a request for `partition` unless the partition already has `capacity` waiting.
+    fn admit(&self, partition: u32) -> bool {
+        let Some(waiting) = self.waiting.get(partition as usize) else {
+            return false;
+        };
+        waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+                (count < self.capacity).then_some(count + 1)
+            })
+            .is_ok()
+    }
+
+    /// Uncounts a request that left the queue or never entered it.
+    fn release(&self, partition: u32) {
+        if let Some(waiting) = self.waiting.get(partition as usize) {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Hands publish requests to the committers.
 ///
-/// Each partition has a bounded queue of `publish_queue` requests. When it is full, `publish`
-/// fails at once with [`Error::QueueFull`] and never waits. The queues close when the last clone
-/// of the `Publisher` is dropped; each committer then commits what is queued and stops.
+/// Each partition may have `publish_queue` requests waiting. When it has, `publish` fails at once
+/// with [`Error::QueueFull`] and never waits. The queues close when the last clone of the
+/// `Publisher` is dropped; each committer then commits what is queued and stops.
 #[derive(Clone, Debug)]
 pub struct Publisher {
+    /// One queue per committer; partition `p` goes to queue `p % queues.len()`.
     queues: Arc<[mpsc::Sender<Request>]>,
+    depths: Arc<Depths>,
 }
 
 impl Publisher {
@@ -65,16 +106,37 @@ impl Publisher {
     /// when the key was used for other content, [`Error::StoreUnavailable`] when the commit
     /// failed, and [`Error::ShuttingDown`] when the committer has stopped.
     pub async fn publish(&self, partition: u32, event: NewEvent) -> Result<PublishResponse, Error> {
-        let queue = self.queues.get(partition as usize).ok_or(Error::ShuttingDown)?;
+        if partition as usize >= self.depths.waiting.len() || self.queues.is_empty() {
+            return Err(Error::ShuttingDown);
+        }
+        if !self.depths.admit(partition) {
+            return Err(Error::QueueFull { partition });
+        }
+        let queue = &self.queues[partition as usize % self.queues.len()];
         let (reply, response) = oneshot::channel();
         let span = spans::for_committer();
-        queue
-            .try_send(Request { event, reply, span })
-            .map_err(|err| match err {
+        let request = Request {
+            partition,
+            event,
+            reply,
+            span,
+        };
+        if let Err(err) = queue.try_send(request) {
+            self.depths.release(partition);
+            return Err(match err {
                 mpsc::error::TrySendError::Full(_) => Error::QueueFull { partition },
                 mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
-            })?;
+            });
+        }
         response.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Returns a view of the queues' depth that does not keep them open.
+    pub fn watch(&self) -> QueueWatch {
+        QueueWatch {
+            queues: self.queues.iter().map(mpsc::Sender::downgrade).collect(),
+            depths: Arc::clone(&self.depths),
+        }
     }
 }
 
@@ -83,35 +145,23 @@ impl Publisher {
 #[derive(Debug)]
 pub struct QueueWatch {
     queues: Vec<mpsc::WeakSender<Request>>,
-    capacity: usize,
+    depths: Arc<Depths>,
 }
 
 impl QueueWatch {
-    /// Returns the number of requests waiting in each partition's queue.
+    /// Returns the number of requests waiting for each partition.
     pub fn depths(&self) -> Vec<usize> {
-        self.queues
+        let open = self.queues.iter().any(|queue| queue.upgrade().is_some());
+        self.depths
+            .waiting
             .iter()
-            .map(|queue| {
-                queue
-                    .upgrade()
-                    .map_or(0, |queue| queue.max_capacity() - queue.capacity())
-            })
+            .map(|waiting| if open { waiting.load(Ordering::Relaxed) } else { 0 })
             .collect()
     }
 
-    /// Returns the capacity of each partition's queue.
+    /// Returns the number of requests each partition may have waiting.
     pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-}
-
-impl Publisher {
-    /// Returns a view of the queues' depth that does not keep them open.
-    pub fn watch(&self) -> QueueWatch {
-        QueueWatch {
-            queues: self.queues.iter().map(mpsc::Sender::downgrade).collect(),
-            capacity: self.queues.first().map_or(0, mpsc::Sender::max_capacity),
-        }
+        self.depths.capacity
     }
 }
 
@@ -123,8 +173,11 @@ pub struct Committers {
     pub log: Arc<dyn LogWriter>,
     /// Append ownership of each partition.
     pub lanes: Arc<Lanes>,
-    /// Capacity of each partition's queue.
+    /// Number of requests each partition may have waiting.
     pub publish_queue: usize,
+    /// Number of committers, each with its own transactions; capped at the partitions and at
+    /// [`Store::max_commit_concurrency`].
+    pub committers: usize,
     /// How long idempotency keys are remembered.
     pub idempotency_window: Duration,
     /// Counters of failed commits and appends.
@@ -132,45 +185,70 @@ pub struct Committers {
 }
 
 impl Committers {
-    /// Starts one committer per partition on `tracker` and returns the handle that feeds them.
-    /// Cancelling `abort` makes them drop what is still queued and stop.
+    /// Starts the committers and one appender per partition on `tracker`, and returns the
+    /// handle that feeds them. Cancelling `abort` makes them drop what is still queued and stop.
     pub fn spawn(self, tracker: &TaskTracker, abort: &CancellationToken) -> Publisher {
-        let queues = (0..self.store.partitions())
-            .map(|partition| {
-                let (queue_tx, queue_rx) = mpsc::channel(self.publish_queue.max(1));
-                let (appends_tx, appends_rx) = mpsc::channel(APPEND_QUEUE);
+        let partitions = self.store.partitions() as usize;
+        let committers = self
+            .committers
+            .min(self.store.max_commit_concurrency())
+            .min(partitions)
+            .max(1);
+        let capacity = self.publish_queue.max(1);
+        let depths = Arc::new(Depths {
+            waiting: (0..partitions).map(|_| AtomicUsize::new(0)).collect(),
+            capacity,
+        });
+        let appends: Arc<[_]> = (0..partitions)
+            .map(|partition| self.spawn_appender(partition as u32, tracker, abort))
+            .collect();
+        let queues = (0..committers)
+            .map(|index| {
+                let owned = (index..partitions).step_by(committers).count();
+                let (queue_tx, queue_rx) = mpsc::channel(capacity.saturating_mul(owned).max(1));
                 let committer = Committer {
-                    partition,
                     queue: queue_rx,
+                    depths: Arc::clone(&depths),
                     store: self.store.clone(),
-                    appends: appends_tx,
+                    appends: Arc::clone(&appends),
                     lanes: Arc::clone(&self.lanes),
                     idempotency_window: self.idempotency_window,
                     metrics: self.metrics.clone(),
                 };
-                let appender = Appender {
-                    partition,
-                    batches: appends_rx,
-                    log: Arc::clone(&self.log),
-                    lanes: Arc::clone(&self.lanes),
-                    metrics: self.metrics.clone(),
-                };
                 tracker.spawn(committer.run(abort.clone()));
-                tracker.spawn(appender.run(abort.clone()));
                 queue_tx
             })
             .collect();
-        Publisher { queues }
+        Publisher { queues, depths }
+    }
+
+    /// Starts a partition's appender and returns its queue.
+    fn spawn_appender(
+        &self,
+        partition: u32,
+        tracker: &TaskTracker,
+        abort: &CancellationToken,
+    ) -> mpsc::Sender<Vec<Event>> {
+        let (appends_tx, appends_rx) = mpsc::channel(APPEND_QUEUE);
+        let appender = Appender {
+            partition,
+            batches: appends_rx,
+            log: Arc::clone(&self.log),
+            lanes: Arc::clone(&self.lanes),
+            metrics: self.metrics.clone(),
+        };
+        tracker.spawn(appender.run(abort.clone()));
+        appends_tx
     }
 }
 
 struct Committer {
-    partition: u32,
     queue: mpsc::Receiver<Request>,
+    depths: Arc<Depths>,
     store: Store,
-    /// The partition's appender. Dropping it, when the committer stops, lets the appender
-    /// append what is queued and stop.
-    appends: mpsc::Sender<Vec<Event>>,
+    /// Every partition's appender, indexed by partition. When the last committer stops, the
+    /// queues close, and each appender appends what is queued and stops.
+    appends: Arc<[mpsc::Sender<Vec<Event>>]>,
     lanes: Arc<Lanes>,
     idempotency_window: Duration,
     metrics: Metrics,
@@ -179,38 +257,52 @@ struct Committer {
 impl Committer {
     async fn run(mut self, abort: CancellationToken) {
         while let Some(batch) = self.next_batch(&abort).await {
-            let parents = batch.iter().map(|request| &request.span);
-            let commit_spans = spans::commit(parents, self.partition, batch.len());
+            let parents = batch.iter().map(|request| (&request.span, request.partition));
+            let commit_spans = spans::commit(parents, batch.len());
             let events = self.commit(batch).await;
             drop(commit_spans);
             self.hand_over(events);
         }
     }
 
-    /// Queues committed events for the appender unless the relay owns the partition. When the
-    /// appender's queue is full, the partition goes to the relay, which appends these events from
-    /// the store, so that the next commit does not wait for the stream.
+    /// Hands each partition's committed events, sorted by partition, to its appender.
     fn hand_over(&self, events: Vec<Event>) {
+        let mut events = events.into_iter().peekable();
+        while let Some(first) = events.next() {
+            let partition = first.partition;
+            let mut run = vec![first];
+            while let Some(next) = events.next_if(|event| event.partition == partition) {
+                run.push(next);
+            }
+            self.hand_over_partition(partition, run);
+        }
+    }
+
+    /// Queues one partition's committed events for its appender unless the relay owns the
+    /// partition. When the appender's queue is full, the partition goes to the relay, which
+    /// appends these events from the store, so that the next commit does not wait for the
+    /// stream.
+    fn hand_over_partition(&self, partition: u32, events: Vec<Event>) {
         let Some(newest) = events.last() else {
             return;
         };
-        if !self.lanes.committed(self.partition, newest.seq) {
+        if !self.lanes.committed(partition, newest.seq) {
             return;
         }
-        match self.appends.try_send(events) {
+        let Some(appends) = self.appends.get(partition as usize) else {
+            self.lanes.append_failed(partition);
+            return;
+        };
+        match appends.try_send(events) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if let Some(suppressed) = APPEND_QUEUE_FULL_LOG.allow() {
-                    tracing::info!(
-                        partition = self.partition,
-                        suppressed,
-                        "append queue full; the relay takes over"
-                    );
+                    tracing::info!(partition, suppressed, "append queue full; the relay takes over");
                 }
-                self.lanes.append_failed(self.partition);
+                self.lanes.append_failed(partition);
             }
             // The appender stopped on abort; the relay's last sweep appends what it can.
-            Err(mpsc::error::TrySendError::Closed(_)) => self.lanes.append_failed(self.partition),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.lanes.append_failed(partition),
         }
     }
 
@@ -228,18 +320,18 @@ impl Committer {
                 Err(_) => break,
             }
         }
+        for request in &batch {
+            self.depths.release(request.partition);
+        }
         Some(batch)
     }
 
-    /// Commits a batch and replies to every request. Returns the events to append.
+    /// Commits a batch and replies to every request. Returns the events to append, sorted by
+    /// partition.
     async fn commit(&self, batch: Vec<Request>) -> Vec<Event> {
         let (events, replies): (Vec<NewEvent>, Vec<_>) =
             batch.into_iter().map(|request| (request.event, request.reply)).unzip();
-        match self
-            .store
-            .commit(self.partition, &events, self.idempotency_window)
-            .await
-        {
+        match self.store.commit(&events, self.idempotency_window).await {
             Ok(committed) => {
                 for (outcome, reply) in committed.outcomes.into_iter().zip(replies) {
                     // A caller that went away no longer needs its response.
@@ -249,7 +341,7 @@ impl Committer {
             }
             Err(err) => {
                 if let Some(suppressed) = COMMIT_FAILED_LOG.allow() {
-                    tracing::warn!(partition = self.partition, batch = events.len(), suppressed, error = %err, "commit failed");
+                    tracing::warn!(batch = events.len(), suppressed, error = %err, "commit failed");
                 }
                 self.metrics.store_error(operation::COMMIT);
                 for reply in replies {

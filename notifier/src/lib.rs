@@ -281,6 +281,7 @@ impl Workers {
             log: Arc::clone(&log),
             lanes: Arc::clone(&lanes),
             publish_queue: config.publish_queue,
+            committers: config.commit_concurrency,
             idempotency_window: config.idempotency_window,
             metrics: metrics.clone(),
         };

@@ -1,8 +1,10 @@
 //! The spans of a publish call: `publish` (the gRPC server span, a child of the caller's
 //! `traceparent`), and its children `validate`, `commit` and `append`.
 //!
-//! `publish` exists in every process, so that log lines of the call carry its trace id. The
-//! children exist only while spans are exported ([`telemetry::is_exporting`]). While spans are
+//! `publish` exists while spans are exported ([`telemetry::is_exporting`]) or while the call's
+//! `debug` lines are logged, so that those lines carry its trace id. At the default `info` level
+//! a call writes no line, and the span would cost several microseconds per call for nothing. The
+//! children exist only while spans are exported. While spans are
 //! exported, the event stores the `publish` span's context instead of the caller's, so that the
 //! edges' delivery spans are children of `publish` and the chain back to the caller stays
 //! intact. Without an exporter, the caller's context is stored as it came.
@@ -16,8 +18,13 @@ use crate::error::Error;
 use crate::store::NewEvent;
 use crate::validate::TraceContext;
 
-/// Creates the `publish` span of a call, as a child of the caller's trace context.
-pub fn publish(channel: &str, trace: &TraceContext) -> Span {
+/// Creates the `publish` span of a call, as a child of the caller's trace context, while spans
+/// are exported or `debug_logged`, which tells whether the call's `debug` lines are logged.
+/// Otherwise returns a disabled span.
+pub fn publish(channel: &str, trace: &TraceContext, debug_logged: bool) -> Span {
+    if !debug_logged && !telemetry::is_exporting() {
+        return Span::none();
+    }
     let span = tracing::info_span!(
         "publish",
         otel.kind = "server",
@@ -83,16 +90,16 @@ pub fn for_committer() -> Span {
     }
 }
 
-/// Creates one `commit` span per request of a batch, each a child of the request's span. The
-/// batch shares one transaction, so the spans share their start and end; drop them after the
-/// commit.
-pub fn commit<'a>(parents: impl Iterator<Item = &'a Span>, partition: u32, batch: usize) -> Vec<Span> {
+/// Creates one `commit` span per request of a batch, each a child of the request's span and
+/// tagged with the request's partition. The batch shares one transaction, so the spans share
+/// their start and end; drop them after the commit.
+pub fn commit<'a>(parents: impl Iterator<Item = (&'a Span, u32)>, batch: usize) -> Vec<Span> {
     if !telemetry::is_exporting() {
         return Vec::new();
     }
     parents
-        .filter(|parent| !parent.is_disabled())
-        .map(|parent| {
+        .filter(|(parent, _)| !parent.is_disabled())
+        .map(|(parent, partition)| {
             tracing::info_span!(
                 parent: parent,
                 "commit",

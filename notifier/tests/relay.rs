@@ -40,6 +40,7 @@ impl Pipeline {
             log: Arc::clone(&log),
             lanes: Arc::clone(&lanes),
             publish_queue: 64,
+            committers: 1,
             idempotency_window: WINDOW,
             metrics: Metrics::default(),
         };
@@ -169,7 +170,7 @@ async fn commits_without_append_are_repaired_at_start() {
     let store = Store::open(&db.url, PARTITIONS).await.expect("open");
     let channel = channels_in(1, PARTITIONS, 1)[0].clone();
     let batch: Vec<_> = (0..5).map(|i| new_event(&channel, &i.to_string(), None)).collect();
-    store.commit(1, &batch, WINDOW).await.expect("commit");
+    store.commit(&batch, WINDOW).await.expect("commit");
 
     let log = Arc::new(MemoryLog::new(PARTITIONS, 1000));
     let _pipeline = Pipeline::start(&store, log.clone(), 1000);
@@ -183,7 +184,7 @@ async fn empty_stream_is_refilled_with_recent_events_only() {
     let store = Store::open(&db.url, PARTITIONS).await.expect("open");
     let channel = channels_in(0, PARTITIONS, 1)[0].clone();
     let batch: Vec<_> = (0..50).map(|i| new_event(&channel, &i.to_string(), None)).collect();
-    store.commit(0, &batch, WINDOW).await.expect("commit");
+    store.commit(&batch, WINDOW).await.expect("commit");
 
     let log = Arc::new(MemoryLog::new(PARTITIONS, 1000));
     let _pipeline = Pipeline::start(&store, log.clone(), 10);
@@ -204,6 +205,7 @@ async fn full_queue_fails_fast() {
         log: Arc::new(MemoryLog::new(PARTITIONS, 100)),
         lanes,
         publish_queue: 1,
+        committers: 1,
         idempotency_window: WINDOW,
         metrics: Metrics::default(),
     }

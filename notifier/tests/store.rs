@@ -45,6 +45,9 @@ on_both_backends!(
     read_partition_and_heads,
     retention_deletes_expired_rows,
     partition_count_cannot_change,
+    one_batch_spans_partitions,
+    batch_keys_resolve_across_partitions,
+    overlapping_batches_do_not_deadlock,
 );
 
 async fn open(url: &str) -> Store {
@@ -83,7 +86,7 @@ async fn sequence_is_gap_free_across_handles(url: &str) {
                         )
                     })
                     .collect();
-                committed += store.commit(1, &batch, WINDOW).await.expect("commit").events.len() as u64;
+                committed += store.commit(&batch, WINDOW).await.expect("commit").events.len() as u64;
             }
             committed
         });
@@ -107,7 +110,7 @@ async fn history_pages_through_one_channel(url: &str) {
             new_event(channel, &format!("{{\"n\":{i},\"text\":\"שלום 🎉\"}}"), None)
         })
         .collect();
-    store.commit(2, &batch, WINDOW).await.expect("commit");
+    store.commit(&batch, WINDOW).await.expect("commit");
 
     let mut since = 0;
     let mut seen = Vec::new();
@@ -137,21 +140,21 @@ async fn idempotency_key_returns_first_event(url: &str) {
     let store = open(url).await;
     let channel = &channels_in(0, 4, 1)[0];
     let first = store
-        .commit(0, &[new_event(channel, "1", Some("k1"))], WINDOW)
+        .commit(&[new_event(channel, "1", Some("k1"))], WINDOW)
         .await
         .expect("commit");
     let (first_id, first_seq, duplicate) = stored(&first.outcomes[0]);
     assert_eq!((first_seq, duplicate), (1, false));
 
     let again = store
-        .commit(0, &[new_event(channel, "1", Some("k1"))], WINDOW)
+        .commit(&[new_event(channel, "1", Some("k1"))], WINDOW)
         .await
         .expect("commit");
     assert_eq!(stored(&again.outcomes[0]), (first_id.clone(), 1, true));
     assert!(again.events.is_empty());
 
     let changed = store
-        .commit(0, &[new_event(channel, "2", Some("k1"))], WINDOW)
+        .commit(&[new_event(channel, "2", Some("k1"))], WINDOW)
         .await
         .expect("commit");
     assert_eq!(
@@ -169,7 +172,7 @@ async fn idempotency_key_returns_first_event(url: &str) {
         new_event(channel, "4", Some("k2")),
         new_event(channel, "5", None),
     ];
-    let committed = store.commit(0, &batch, WINDOW).await.expect("commit");
+    let committed = store.commit(&batch, WINDOW).await.expect("commit");
     let (k2_id, k2_seq, k2_duplicate) = stored(&committed.outcomes[0]);
     assert_eq!((k2_seq, k2_duplicate), (2, false));
     assert_eq!(stored(&committed.outcomes[1]), (k2_id.clone(), 2, true));
@@ -186,7 +189,7 @@ async fn idempotency_key_returns_first_event(url: &str) {
     // A key older than the window is forgotten.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let later = store
-        .commit(0, &[new_event(channel, "1", Some("k1"))], Duration::from_millis(1))
+        .commit(&[new_event(channel, "1", Some("k1"))], Duration::from_millis(1))
         .await
         .expect("commit");
     let (later_id, later_seq, later_duplicate) = stored(&later.outcomes[0]);
@@ -204,7 +207,7 @@ async fn idempotency_keys_are_scoped_per_caller(url: &str) {
     let store = open(url).await;
     let channel = &channels_in(2, 4, 1)[0];
     let first_a = store
-        .commit(2, &[scoped_event(channel, "1", "caller-a")], WINDOW)
+        .commit(&[scoped_event(channel, "1", "caller-a")], WINDOW)
         .await
         .expect("commit");
     let (a_id, a_seq, a_duplicate) = stored(&first_a.outcomes[0]);
@@ -212,7 +215,7 @@ async fn idempotency_keys_are_scoped_per_caller(url: &str) {
 
     // The same key text from another caller, with other content, is a new event, not a conflict.
     let first_b = store
-        .commit(2, &[scoped_event(channel, "2", "caller-b")], WINDOW)
+        .commit(&[scoped_event(channel, "2", "caller-b")], WINDOW)
         .await
         .expect("commit");
     let (b_id, b_seq, b_duplicate) = stored(&first_b.outcomes[0]);
@@ -224,14 +227,14 @@ async fn idempotency_keys_are_scoped_per_caller(url: &str) {
         scoped_event(channel, "2", "caller-b"),
         scoped_event(channel, "1", "caller-a"),
     ];
-    let again = store.commit(2, &retries, WINDOW).await.expect("commit");
+    let again = store.commit(&retries, WINDOW).await.expect("commit");
     assert_eq!(stored(&again.outcomes[0]), (b_id.clone(), 2, true));
     assert_eq!(stored(&again.outcomes[1]), (a_id.clone(), 1, true));
     assert!(again.events.is_empty());
 
     // A conflict names only the caller's own event.
     let changed = store
-        .commit(2, &[scoped_event(channel, "3", "caller-b")], WINDOW)
+        .commit(&[scoped_event(channel, "3", "caller-b")], WINDOW)
         .await
         .expect("commit");
     assert_eq!(
@@ -254,7 +257,7 @@ async fn concurrent_key_is_stored_once(url: &str) {
     for task in 0..8 {
         let store = handles[task % 2].clone();
         let event = new_event(channel, "{\"order\":7}", Some("race"));
-        tasks.spawn(async move { store.commit(3, &[event], WINDOW).await.expect("commit") });
+        tasks.spawn(async move { store.commit(&[event], WINDOW).await.expect("commit") });
     }
     let results: Vec<_> = tasks.join_all().await.iter().map(|c| stored(&c.outcomes[0])).collect();
     assert_eq!(results.iter().filter(|(_, _, duplicate)| !duplicate).count(), 1);
@@ -273,7 +276,7 @@ async fn key_reused_on_other_channel_conflicts(url: &str) {
         for (partition, channel) in channels.iter().enumerate() {
             let store = handles[partition].clone();
             let event = new_event(channel, "1", Some(&format!("shared-{round}")));
-            tasks.spawn(async move { store.commit(partition as u32, &[event], WINDOW).await.expect("commit") });
+            tasks.spawn(async move { store.commit(&[event], WINDOW).await.expect("commit") });
         }
     }
     let committed = tasks.join_all().await;
@@ -291,9 +294,9 @@ async fn read_partition_and_heads(url: &str) {
     let one = channels_in(1, 4, 1)[0].clone();
     let three = channels_in(3, 4, 1)[0].clone();
     let batch: Vec<_> = (0..5).map(|i| new_event(&one, &i.to_string(), None)).collect();
-    store.commit(1, &batch, WINDOW).await.expect("commit");
+    store.commit(&batch, WINDOW).await.expect("commit");
     store
-        .commit(3, &[new_event(&three, "1", None), new_event(&three, "2", None)], WINDOW)
+        .commit(&[new_event(&three, "1", None), new_event(&three, "2", None)], WINDOW)
         .await
         .expect("commit");
 
@@ -324,7 +327,7 @@ async fn retention_deletes_expired_rows(url: &str) {
         new_event(channel, "2", None),
         new_event(channel, "3", None),
     ];
-    store.commit(2, &batch, WINDOW).await.expect("commit");
+    store.commit(&batch, WINDOW).await.expect("commit");
 
     let cutoff = now_ms() + 1000;
     assert_eq!(store.delete_expired(cutoff, cutoff).await.expect("delete"), (3, 1));
@@ -337,7 +340,7 @@ async fn retention_deletes_expired_rows(url: &str) {
 
     // The counter survives, and the expired key can be used again.
     let next = store
-        .commit(2, &[new_event(channel, "9", Some("old"))], WINDOW)
+        .commit(&[new_event(channel, "9", Some("old"))], WINDOW)
         .await
         .expect("commit");
     assert_eq!(stored(&next.outcomes[0]).1, 4);
@@ -351,4 +354,135 @@ async fn partition_count_cannot_change(url: &str) {
     assert!(message.contains("set STREAM_PARTITIONS=4"), "{message}");
     // The rejected start created no rows.
     assert_eq!(open(url).await.heads().await.expect("heads").len(), 4);
+}
+
+async fn one_batch_spans_partitions(url: &str) {
+    let store = open(url).await;
+    let channels: Vec<String> = (0..4)
+        .map(|partition| channels_in(partition, 4, 1)[0].clone())
+        .collect();
+    store
+        .commit(&[new_event(&channels[2], "before", None)], WINDOW)
+        .await
+        .expect("commit");
+
+    // Partitions in mixed order: 3, 2, 0, 3, 2, 3.
+    let order = [3, 2, 0, 3, 2, 3];
+    let batch: Vec<_> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &partition)| new_event(&channels[partition], &i.to_string(), None))
+        .collect();
+    let committed = store.commit(&batch, WINDOW).await.expect("commit");
+
+    let seqs: Vec<u64> = committed.outcomes.iter().map(|outcome| stored(outcome).1).collect();
+    assert_eq!(seqs, vec![1, 2, 1, 2, 3, 3]);
+    let stored_order: Vec<(u32, u64)> = committed
+        .events
+        .iter()
+        .map(|event| (event.partition, event.seq))
+        .collect();
+    assert_eq!(stored_order, vec![(0, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3)]);
+    assert_eq!(store.heads().await.expect("heads"), vec![1, 0, 3, 3]);
+    let partition_three: Vec<String> = store
+        .read(3, 0, 10)
+        .await
+        .expect("read")
+        .events
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(partition_three, vec!["0", "3", "5"]);
+}
+
+async fn batch_keys_resolve_across_partitions(url: &str) {
+    let store = open(url).await;
+    let zero = channels_in(0, 4, 1)[0].clone();
+    let one = channels_in(1, 4, 1)[0].clone();
+    let first = store
+        .commit(&[new_event(&one, "stored", Some("old"))], WINDOW)
+        .await
+        .expect("commit");
+    let (old_id, _, _) = stored(&first.outcomes[0]);
+
+    let batch = [
+        new_event(&zero, "a", Some("k")),
+        new_event(&one, "b", None),
+        // The same key and content in the same batch: a duplicate of the first request.
+        new_event(&zero, "a", Some("k")),
+        // The same key with other content, on another partition: a conflict.
+        new_event(&one, "changed", Some("k")),
+        // A retry of an event stored by an earlier batch.
+        new_event(&one, "stored", Some("old")),
+        // A key stored earlier, sent with other content.
+        new_event(&zero, "other", Some("old")),
+        new_event(&zero, "c", None),
+    ];
+    let committed = store.commit(&batch, WINDOW).await.expect("commit");
+    let outcomes = &committed.outcomes;
+    assert_eq!(outcomes.len(), batch.len());
+
+    let (k_id, k_seq, k_duplicate) = stored(&outcomes[0]);
+    assert_eq!((k_seq, k_duplicate), (1, false));
+    assert_eq!(stored(&outcomes[1]).1, 2);
+    assert_eq!(stored(&outcomes[2]), (k_id.clone(), 1, true));
+    assert_eq!(
+        outcomes[3],
+        Outcome::Conflict {
+            key: "k".into(),
+            first_id: k_id
+        }
+    );
+    assert_eq!(stored(&outcomes[4]), (old_id.clone(), 1, true));
+    assert_eq!(
+        outcomes[5],
+        Outcome::Conflict {
+            key: "old".into(),
+            first_id: old_id
+        }
+    );
+    assert_eq!(stored(&outcomes[6]).1, 2);
+    assert_eq!(committed.events.len(), 3);
+    assert_eq!(store.heads().await.expect("heads"), vec![2, 2, 0, 0]);
+}
+
+async fn overlapping_batches_do_not_deadlock(url: &str) {
+    // Two handles, like two notifier replicas, commit batches over all partitions, half of them
+    // listing the partitions in reverse order. The locks are taken in partition order, so no
+    // transaction waits for another in a cycle.
+    let handles = [open(url).await, open(url).await];
+    let channels: Vec<String> = (0..4)
+        .map(|partition| channels_in(partition, 4, 1)[0].clone())
+        .collect();
+    let mut tasks = JoinSet::new();
+    for task in 0..8 {
+        let store = handles[task % 2].clone();
+        let mut order = channels.clone();
+        if task % 2 == 1 {
+            order.reverse();
+        }
+        tasks.spawn(async move {
+            for round in 0..10 {
+                let batch: Vec<_> = order
+                    .iter()
+                    .map(|channel| new_event(channel, &format!("{{\"task\":{task},\"round\":{round}}}"), None))
+                    .collect();
+                store.commit(&batch, WINDOW).await.expect("commit");
+            }
+        });
+    }
+    tasks.join_all().await;
+
+    assert_eq!(handles[0].heads().await.expect("heads"), vec![80; 4]);
+    for partition in 0..4 {
+        let seqs: Vec<u64> = handles[1]
+            .read(partition, 0, 1000)
+            .await
+            .expect("read")
+            .events
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, (1..=80).collect::<Vec<_>>(), "partition {partition}");
+    }
 }

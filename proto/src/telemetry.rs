@@ -30,6 +30,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -127,21 +128,21 @@ pub fn init(service_name: &'static str) -> Telemetry {
 /// sets, and the exporter's own spans (from these crates) stay out of the traces too.
 const CAPPED_AT_DEBUG: [&str; 6] = ["tungstenite", "tokio_tungstenite", "hyper", "hyper_util", "h2", "tonic"];
 
-/// Adds a `debug` cap for each crate in [`CAPPED_AT_DEBUG`]. A directive for a crate is more
-/// specific than a bare level, so `RUST_LOG=trace` still gets `debug` for these crates. A
-/// `RUST_LOG` that names one of them at `trace` is overridden too, because the cap is added last.
-fn capped(mut filter: EnvFilter) -> EnvFilter {
-    for target in CAPPED_AT_DEBUG {
-        if let Ok(directive) = format!("{target}=debug").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    filter
+/// Builds the filter that caps each crate in [`CAPPED_AT_DEBUG`] at `debug` and lets every other
+/// event through. Installed as a layer of its own next to the `RUST_LOG` filter, it only removes
+/// what `RUST_LOG` enabled: `RUST_LOG=trace` gets `debug` for these crates, and the default
+/// `info` keeps them at `info`.
+///
+/// NOTE: adding `h2=debug`-style directives to the `RUST_LOG` filter instead raised these crates
+/// from `info` to `debug`, which logged every HTTP/2 frame and cost more CPU than a publish.
+fn message_logging_cap() -> Targets {
+    let capped = CAPPED_AT_DEBUG.map(|target| (target, LevelFilter::DEBUG));
+    Targets::new().with_default(LevelFilter::TRACE).with_targets(capped)
 }
 
 /// Installs the logger and the span exporter like [`init`], writing the log lines to `output`.
 pub fn init_to(service_name: &'static str, output: LogOutput) -> Telemetry {
-    let filter = capped(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var(ENV_LOG_FORMAT).is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     let (exporter, exporter_error) = match exporter_requested().then(build_exporter) {
         Some(Ok(exporter)) => (Some(exporter), None),
@@ -160,7 +161,10 @@ pub fn init_to(service_name: &'static str, output: LogOutput) -> Telemetry {
         .with_tracked_inactivity(false)
         .with_level(true)
         .with_target(false);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(message_logging_cap())
+        .with(otel);
     let dispatch = format::DispatchCell::default();
     let installed = if json {
         let fmt = tracing_subscriber::fmt::layer()
@@ -335,23 +339,41 @@ pub fn trace_headers(span: &tracing::Span) -> Option<(String, String)> {
 mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
-    /// Returns whether an event of `target` at `level` passes `filter`.
-    fn passes(filter: &str, target_is_tungstenite: bool, level: tracing::Level) -> bool {
-        let subscriber = tracing_subscriber::registry().with(super::capped(super::EnvFilter::new(filter)));
-        tracing::subscriber::with_default(subscriber, || match (target_is_tungstenite, level) {
-            (true, tracing::Level::TRACE) => tracing::enabled!(target: "tungstenite::protocol", tracing::Level::TRACE),
-            (true, _) => tracing::enabled!(target: "tungstenite::protocol", tracing::Level::DEBUG),
-            (false, _) => tracing::enabled!(target: "ws_edge::session", tracing::Level::TRACE),
+    /// Returns whether an event of `target` at `level` passes `RUST_LOG` filter `filter` and the
+    /// cap.
+    fn passes(filter: &str, target: &str, level: tracing::Level) -> bool {
+        let subscriber = tracing_subscriber::registry()
+            .with(super::EnvFilter::new(filter))
+            .with(super::message_logging_cap());
+        tracing::subscriber::with_default(subscriber, || match (target, level) {
+            ("tungstenite", tracing::Level::TRACE) => {
+                tracing::enabled!(target: "tungstenite::protocol", tracing::Level::TRACE)
+            }
+            ("tungstenite", _) => tracing::enabled!(target: "tungstenite::protocol", tracing::Level::DEBUG),
+            ("h2", _) => tracing::enabled!(target: "h2::codec::framed_write", tracing::Level::DEBUG),
+            _ => tracing::enabled!(target: "ws_edge::session", tracing::Level::TRACE),
         })
     }
 
     #[test]
     fn message_logging_crates_stop_at_debug() {
         for filter in ["trace", "tungstenite=trace", "trace,tungstenite=trace"] {
-            assert!(!passes(filter, true, tracing::Level::TRACE), "{filter}");
-            assert!(passes(filter, true, tracing::Level::DEBUG), "{filter}");
+            assert!(!passes(filter, "tungstenite", tracing::Level::TRACE), "{filter}");
+            assert!(passes(filter, "tungstenite", tracing::Level::DEBUG), "{filter}");
         }
-        assert!(passes("trace", false, tracing::Level::TRACE), "other crates keep trace");
+        assert!(
+            passes("trace", "ws_edge", tracing::Level::TRACE),
+            "other crates keep trace"
+        );
+    }
+
+    #[test]
+    fn cap_does_not_raise_the_level() {
+        for filter in ["info", "warn", "info,notifier=debug"] {
+            assert!(!passes(filter, "h2", tracing::Level::DEBUG), "{filter}");
+            assert!(!passes(filter, "tungstenite", tracing::Level::DEBUG), "{filter}");
+        }
+        assert!(passes("debug", "h2", tracing::Level::DEBUG));
     }
 
     use super::*;

@@ -1,8 +1,9 @@
 //! The store of record: PostgreSQL in production, SQLite in the single-process mode.
 //!
-//! Both run the same SQL through sqlx's `Any` driver: SQLite accepts PostgreSQL's `$1`
-//! placeholders, and every statement here is written in the dialect the two share. Only the
-//! connection set-up and the migrations differ, in [`postgres`] and [`sqlite`].
+//! Reads and retention run the same SQL on both through sqlx's `Any` driver: SQLite accepts
+//! PostgreSQL's `$1` placeholders, and those statements are written in the dialect the two
+//! share. The publish transaction has one implementation per backend, because on PostgreSQL it
+//! binds whole columns as arrays, which only the native driver can.
 //!
 //! Layout:
 //! - [`commit`]: the publish transaction, with sequence numbers and idempotency keys.
@@ -68,12 +69,23 @@ pub enum StoreError {
 /// Handle to the store of record. Clones share the connection pools.
 #[derive(Clone, Debug)]
 pub struct Store {
-    /// Pool for transactions that write. SQLite's has one connection, so writers queue in the
-    /// pool instead of retrying on a busy database.
+    /// Pool for the writes other than publish transactions: retention and set-up. SQLite's has
+    /// one connection, so writers queue in the pool instead of retrying on a busy database.
     write: AnyPool,
     /// Pool for reads; the same pool as `write` on PostgreSQL.
     read: AnyPool,
+    /// Connections that run the publish transactions.
+    writer: Writer,
     partitions: u32,
+}
+
+/// The connections publish transactions run on.
+#[derive(Clone, Debug)]
+enum Writer {
+    /// A native PostgreSQL pool of its own, of [`Store::max_commit_concurrency`] connections.
+    Postgres(sqlx::PgPool),
+    /// SQLite's one write connection, the `write` pool.
+    Sqlite(AnyPool),
 }
 
 impl Store {
@@ -85,16 +97,20 @@ impl Store {
     /// the database was set up with a different number of partitions.
     pub async fn open(database_url: &str, partitions: u32) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
-        let (write, read) = if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
-            postgres::connect(database_url).await?
+        let (write, read, writer) = if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:")
+        {
+            let (pool, commits) = postgres::connect(database_url).await?;
+            (pool.clone(), pool, Writer::Postgres(commits))
         } else if database_url.starts_with("sqlite:") {
-            sqlite::connect(database_url).await?
+            let (write, read) = sqlite::connect(database_url).await?;
+            (write.clone(), read, Writer::Sqlite(write))
         } else {
             anyhow::bail!("DATABASE_URL must start with postgres:// or sqlite://; got another scheme");
         };
         let store = Store {
             write,
             read,
+            writer,
             partitions,
         };
         store.ensure_partitions().await?;
@@ -104,6 +120,15 @@ impl Store {
     /// Returns the number of partitions the store was opened with.
     pub fn partitions(&self) -> u32 {
         self.partitions
+    }
+
+    /// Returns how many publish transactions can run at once: one per commit connection on
+    /// PostgreSQL, one on SQLite, whose database takes one writer at a time.
+    pub fn max_commit_concurrency(&self) -> usize {
+        match &self.writer {
+            Writer::Postgres(_) => postgres::MAX_COMMIT_CONNECTIONS as usize,
+            Writer::Sqlite(_) => 1,
+        }
     }
 
     /// Creates the partition rows on first start; later starts check their number, because the
