@@ -710,3 +710,37 @@ async fn reuseport_replacement_takes_connections_during_drain() {
         .expect("serve succeeded");
     new.stop().await;
 }
+
+/// While an edge without `SO_REUSEPORT` drains, its listener stays open: `/readyz` and new
+/// upgrades get 503, so the load balancer and the clients go elsewhere, until the last socket
+/// ends.
+#[tokio::test]
+async fn draining_edge_answers_503() {
+    let edge = Edge::start().await;
+    assert_eq!(wait_for_readyz(edge.addr, 200).await, 200);
+    let (mut leaving, _) = edge.connect("alice").await;
+    // This socket reads nothing, so the drain lasts until the edge gives up on its close
+    // handshake (2 s).
+    let (_silent, _) = edge.connect("bob").await;
+
+    let Edge { addr, stop, server, .. } = edge;
+    let _ = stop.map(|stop| stop.send(()));
+    assert_eq!(close_code(&mut leaving).await, Some(close::SERVICE_RESTART));
+    assert_eq!(http_get(addr, "/readyz").await.0, 503);
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let upgrade = tokio::time::timeout(
+        PATIENCE,
+        connect_async(format!("ws://{addr}/ws?token={}", token("carol", &[]))),
+    );
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = upgrade.await.expect("answer in time") else {
+        panic!("a draining edge upgraded a new socket");
+    };
+    assert_eq!(response.status(), 503);
+    assert!(!server.is_finished(), "the edge should still be draining");
+
+    let drained = tokio::time::timeout(Duration::from_secs(20), server).await;
+    drained
+        .expect("the edge drained in time")
+        .expect("serve task")
+        .expect("serve succeeded");
+}
