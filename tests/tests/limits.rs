@@ -119,7 +119,9 @@ const CONTINUATION_MORE: u8 = 0x00;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_closed_and_others_get_everything() -> anyhow::Result<()> {
     const EVENTS: usize = 10_000;
-    let options = Options::default().notifier("PUBLISH_RATE", "100000");
+    let options = Options::default()
+        .notifier("PUBLISH_RATE", "100000")
+        .notifier("PUBLISH_BURST", "100000");
     let Some(env) = start(Mode::Distributed, options).await? else {
         return Ok(());
     };
@@ -626,7 +628,8 @@ async fn conflated_slow_socket_ends_with_latest(mode: Mode) -> anyhow::Result<()
     // write buffer and the kernel's buffers (at most 4 MiB by `tcp_wmem`) hold.
     let options = Options::default()
         .edge("CONFLATE_PREFIXES", "scores:")
-        .notifier("PUBLISH_RATE", "100000");
+        .notifier("PUBLISH_RATE", "100000")
+        .notifier("PUBLISH_BURST", "100000");
     let Some(env) = start(mode, options).await? else {
         return Ok(());
     };
