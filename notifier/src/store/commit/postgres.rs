@@ -103,49 +103,14 @@ pub(super) async fn commit_without_keys(pool: &PgPool, batch: &Batch<'_>) -> Res
     let fresh: Vec<_> = plan.fresh_events().collect();
     let rows = sqlx::query(WRITE_WITHOUT_KEYS)
         .bind(batch.now_ms)
-        .bind(
-            fresh
-                .iter()
-                .map(|(partition, _, _)| i64::from(*partition))
-                .collect::<Vec<_>>(),
-        )
-        .bind(fresh.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, _, event)| event.channel.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, _, event)| event.event_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, _, event)| event.data.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, _, event)| event.user_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, _, event)| event.traceparent.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            fresh
-                .iter()
-                .map(|(_, _, event)| event.tracestate.as_str())
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&fresh, |(partition, _, _)| i64::from(*partition)))
+        .bind(column(&fresh, |(_, id, _)| *id))
+        .bind(column(&fresh, |(_, _, event)| event.channel.as_str()))
+        .bind(column(&fresh, |(_, _, event)| event.event_type.as_str()))
+        .bind(column(&fresh, |(_, _, event)| event.data.as_str()))
+        .bind(column(&fresh, |(_, _, event)| event.user_id.as_str()))
+        .bind(column(&fresh, |(_, _, event)| event.traceparent.as_str()))
+        .bind(column(&fresh, |(_, _, event)| event.tracestate.as_str()))
         .fetch_all(pool)
         .await?;
     let mut heads = BTreeMap::new();
@@ -199,42 +164,26 @@ impl CommitTransaction for PgTransaction {
         let events = &writes.committed.events;
         let keys = &writes.key_rows;
         let query = sqlx::query(WRITE)
-            .bind(
-                writes
-                    .heads
-                    .iter()
-                    .map(|(partition, _)| i64::from(*partition))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(writes.heads.iter().map(|(_, head)| to_i64(*head)).collect::<Vec<_>>())
+            .bind(column(&writes.heads, |(partition, _)| i64::from(*partition)))
+            .bind(column(&writes.heads, |(_, head)| to_i64(*head)))
             .bind(now_ms)
             .bind(key_cutoff_ms)
-            .bind(
-                events
-                    .iter()
-                    .map(|event| i64::from(event.partition))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.iter().map(|event| to_i64(event.seq)).collect::<Vec<_>>())
-            .bind(events.iter().map(|event| event.id.as_str()).collect::<Vec<_>>())
-            .bind(events.iter().map(|event| event.channel.as_str()).collect::<Vec<_>>())
-            .bind(events.iter().map(|event| event.r#type.as_str()).collect::<Vec<_>>())
-            .bind(events.iter().map(|event| event.data.as_str()).collect::<Vec<_>>())
-            .bind(events.iter().map(|event| event.user_id.as_str()).collect::<Vec<_>>())
+            .bind(column(events, |event| i64::from(event.partition)))
+            .bind(column(events, |event| to_i64(event.seq)))
+            .bind(column(events, |event| event.id.as_str()))
+            .bind(column(events, |event| event.channel.as_str()))
+            .bind(column(events, |event| event.r#type.as_str()))
+            .bind(column(events, |event| event.data.as_str()))
+            .bind(column(events, |event| event.user_id.as_str()))
             .bind(writes.event_keys.as_slice())
-            .bind(
-                events
-                    .iter()
-                    .map(|event| event.traceparent.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(events.iter().map(|event| event.tracestate.as_str()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|row| row.scope.as_str()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|row| row.key.as_str()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|row| row.event_id.as_str()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|row| i64::from(row.partition)).collect::<Vec<_>>())
-            .bind(keys.iter().map(|row| to_i64(row.seq)).collect::<Vec<_>>())
-            .bind(keys.iter().map(|row| row.fingerprint.as_str()).collect::<Vec<_>>());
+            .bind(column(events, |event| event.traceparent.as_str()))
+            .bind(column(events, |event| event.tracestate.as_str()))
+            .bind(column(keys, |row| row.scope.as_str()))
+            .bind(column(keys, |row| row.key.as_str()))
+            .bind(column(keys, |row| row.event_id.as_str()))
+            .bind(column(keys, |row| i64::from(row.partition)))
+            .bind(column(keys, |row| to_i64(row.seq)))
+            .bind(column(keys, |row| row.fingerprint.as_str()));
         Ok(query.fetch_all(&mut *self.0).await?.len())
     }
 
@@ -245,6 +194,11 @@ impl CommitTransaction for PgTransaction {
     async fn rollback(self) -> Result<(), StoreError> {
         Ok(self.0.rollback().await?)
     }
+}
+
+/// Returns one field of every row, as the array a `unnest` parameter takes.
+fn column<'a, T, U>(rows: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
+    rows.iter().map(field).collect()
 }
 
 /// Converts a stored partition number, which the schema does not bound.
