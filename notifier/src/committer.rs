@@ -1,7 +1,7 @@
 //! The committers and the appenders. A notifier runs `COMMIT_CONCURRENCY` committer tasks (one by
 //! default), and committer `i` takes the partitions `p` with `p % committers == i`. A committer
 //! takes the waiting publish requests of all its partitions as one batch, commits them in one
-//! transaction, replies to each request, and hands each partition's new events to that
+//! transaction and replies to each request. It then hands each partition's new events to that
 //! partition's appender task, which appends them to the partition's stream with one call. Paying
 //! the transaction once per batch instead of once per partition and batch is what lets the store
 //! keep up with many partitions at once.
@@ -90,7 +90,7 @@ impl Depths {
 ///
 /// Each partition may have `publish_queue` requests waiting. When it has, `publish` fails at once
 /// with [`Error::QueueFull`] and never waits. The queues close when the last clone of the
-/// `Publisher` is dropped; each committer then commits what is queued and stops.
+/// `Publisher` is dropped. Each committer then commits what is queued and stops.
 #[derive(Clone, Debug)]
 pub struct Publisher {
     /// One queue per committer; partition `p` goes to queue `p % queues.len()`.

@@ -70,8 +70,9 @@ pub struct Config {
     pub publish_queue: usize,
 
     /// Publish transactions run at once, each over its own share of the partitions. One commits
-    /// the waiting requests of every partition together, which costs the least per event; more
-    /// help when each transaction waits on a distant database rather than on the CPU.
+    /// the waiting requests of every partition together, which costs the least per event. More
+    /// may help when each transaction waits on a distant database rather than on the CPU (an
+    /// estimate: on a local database two were slower than one).
     #[arg(long, env = "COMMIT_CONCURRENCY", default_value_t = DEFAULT_COMMIT_CONCURRENCY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
     pub commit_concurrency: usize,
 

@@ -19,7 +19,7 @@ use crate::store::NewEvent;
 use crate::validate::TraceContext;
 
 /// Creates the `publish` span of a call, as a child of the caller's trace context, while spans
-/// are exported or `debug_logged`, which tells whether the call's `debug` lines are logged.
+/// are exported or `debug_logged` is true, meaning the call's `debug` lines are logged.
 /// Otherwise returns a disabled span.
 pub fn publish(channel: &str, trace: &TraceContext, debug_logged: bool) -> Span {
     if !debug_logged && !telemetry::is_exporting() {

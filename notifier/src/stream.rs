@@ -115,7 +115,7 @@ impl LogWriter for RedisLog {
 struct SharedConnection {
     client: Client,
     config: AsyncConnectionConfig,
-    /// The open connection and a number that tells it apart from the ones before it.
+    /// The open connection, with a number that distinguishes it from the ones before it.
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
 }
 

@@ -73,7 +73,7 @@ impl ConnectionLimits {
 }
 
 /// Serves `service` on `listener` until `stop` resolves, then closes the listener, cancels
-/// `listener_closed`, tells every connection to finish its request in progress, and waits for
+/// `listener_closed`, asks every connection to finish its request in progress, and waits for
 /// them. Connections upgraded to WebSocket have left the server by then, so their owner drains
 /// them.
 ///

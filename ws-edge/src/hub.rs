@@ -358,7 +358,7 @@ impl Hub {
     /// their channels and to the recent window, and advances the head.
     ///
     /// The frames are queued under the shard's lock and written after it, so that the writes do
-    /// not hold up subscribes; a socket that gets several events of the batch gets them in one
+    /// not hold up subscribes. A socket that gets several events of the batch gets them in one
     /// write.
     pub fn deliver(&self, partition: u32, batch: Vec<Delivery>) {
         let Some(last) = batch.last().map(|delivery| delivery.seq) else {

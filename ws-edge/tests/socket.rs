@@ -676,8 +676,8 @@ async fn second_bind_without_reuseport_fails() {
 }
 
 /// Two edges on one port with `SO_REUSEPORT`: the replacement starts while the old edge still
-/// serves, and once the old edge drains, every new connection reaches the replacement, even
-/// while the old edge still waits for a socket that does not reply to its close frame.
+/// serves. Once the old edge drains, every new connection reaches the replacement, even while
+/// the old edge still waits for a socket that does not reply to its close frame.
 #[tokio::test]
 async fn reuseport_replacement_takes_connections_during_drain() {
     let reuseport = |config: &mut Config| config.listen_reuseport = true;
