@@ -47,10 +47,9 @@ use notify_proto::metrics::MetricsRegistry;
 use notify_proto::pb::notifier_server::NotifierServer;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -177,8 +176,10 @@ async fn serve_grpc(
     let addr = listener.local_addr()?;
     let (health, routes) = grpc_routes(config, service)?;
     set_health(&health, ServingStatus::Serving).await;
-    let server =
-        routes.serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining.clone().cancelled_owned());
+    // Without TCP_NODELAY, a response written in several segments waits for the caller's delayed
+    // acknowledgement: a PublishBatch reply took 40 ms more.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = routes.serve_with_incoming_shutdown(incoming, draining.clone().cancelled_owned());
     tracing::info!(service = "grpc", addr = %addr, "listening");
     tokio::pin!(server);
 
