@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use notify_proto::pb::PublishRequest;
 use notify_proto::pb::notifier_client::NotifierClient;
+use notify_proto::pb::publish_result;
+use notify_proto::pb::{PublishBatchRequest, PublishRequest};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -243,6 +244,8 @@ fn check_loopback(addr: SocketAddr) -> anyhow::Result<()> {
 pub struct ClosedLoop {
     /// Publishes in flight at once.
     pub concurrency: usize,
+    /// Events per call; more than 1 sends PublishBatch calls.
+    pub batch: usize,
     /// HTTP/2 connections the workers share, round-robin.
     pub connections: usize,
     /// Total publishes.
@@ -251,6 +254,22 @@ pub struct ClosedLoop {
     pub max_duration: Duration,
     /// Channels, used round-robin.
     pub channels: Vec<String>,
+}
+
+impl ClosedLoop {
+    /// Returns the publish request of sequence number `seq`, on the channels round-robin.
+    fn request(&self, seq: u64) -> PublishRequest {
+        let payload = Payload {
+            sent_at_us: crate::unix_micros(),
+            seq,
+        };
+        PublishRequest {
+            channel: self.channels[seq as usize % self.channels.len()].clone(),
+            r#type: EVENT_TYPE.to_owned(),
+            data: serde_json::to_string(&payload).unwrap_or_default(),
+            ..PublishRequest::default()
+        }
+    }
 }
 
 /// Report of the closed-loop publisher.
@@ -324,34 +343,68 @@ async fn publish_until_done(
     started: Instant,
 ) -> ClosedLoopReport {
     let mut report = ClosedLoopReport::empty();
+    let batch = plan.batch.max(1) as u64;
     loop {
-        let seq = issued.fetch_add(1, Ordering::Relaxed);
-        if seq >= plan.events || started.elapsed() >= plan.max_duration {
+        let first = issued.fetch_add(batch, Ordering::Relaxed);
+        if first >= plan.events || started.elapsed() >= plan.max_duration {
             return report;
         }
-        let channel = &plan.channels[seq as usize % plan.channels.len()];
-        let payload = Payload {
-            sent_at_us: crate::unix_micros(),
-            seq,
-        };
-        let request = PublishRequest {
-            channel: channel.clone(),
-            r#type: EVENT_TYPE.to_owned(),
-            data: serde_json::to_string(&payload).unwrap_or_default(),
-            ..PublishRequest::default()
-        };
+        let requests: Vec<PublishRequest> = (first..plan.events.min(first + batch))
+            .map(|seq| plan.request(seq))
+            .collect();
         let call_started = Instant::now();
-        match client.publish(request).await {
-            Ok(_) => {
-                report.acked += 1;
-                record_latency(&mut report.latency, call_started.elapsed().as_micros() as u64);
-            }
-            Err(status) => {
-                report.failures += 1;
-                if report.errors.len() < 5 {
-                    report.errors.push(status.to_string());
+        let outcomes = if batch == 1 {
+            publish_one(&mut client, requests).await
+        } else {
+            publish_batch(&mut client, requests).await
+        };
+        let latency = call_started.elapsed().as_micros() as u64;
+        for outcome in outcomes {
+            match outcome {
+                Ok(()) => {
+                    report.acked += 1;
+                    record_latency(&mut report.latency, latency);
+                }
+                Err(error) => {
+                    report.failures += 1;
+                    if report.errors.len() < 5 {
+                        report.errors.push(error);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Sends each request in a Publish call of its own.
+async fn publish_one(client: &mut NotifierClient<Channel>, requests: Vec<PublishRequest>) -> Vec<Result<(), String>> {
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for request in requests {
+        outcomes.push(
+            client
+                .publish(request)
+                .await
+                .map(drop)
+                .map_err(|status| status.to_string()),
+        );
+    }
+    outcomes
+}
+
+/// Sends the requests in one PublishBatch call and returns each event's outcome.
+async fn publish_batch(client: &mut NotifierClient<Channel>, events: Vec<PublishRequest>) -> Vec<Result<(), String>> {
+    let count = events.len();
+    match client.publish_batch(PublishBatchRequest { events }).await {
+        Ok(response) => response
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|result| match result.outcome {
+                Some(publish_result::Outcome::Published(_)) => Ok(()),
+                Some(publish_result::Outcome::Error(error)) => Err(format!("code {}: {}", error.code, error.message)),
+                None => Err("a result without an outcome".to_owned()),
+            })
+            .collect(),
+        Err(status) => vec![Err(status.to_string()); count],
     }
 }

@@ -106,6 +106,16 @@ impl Publisher {
     /// when the key was used for other content, [`Error::StoreUnavailable`] when the commit
     /// failed, and [`Error::ShuttingDown`] when the committer has stopped.
     pub async fn publish(&self, partition: u32, event: NewEvent) -> Result<PublishResponse, Error> {
+        self.submit(partition, event)?.committed().await
+    }
+
+    /// Queues an event for its partition's committer without waiting for the commit. Events
+    /// queued one after the other for one partition are committed in that order.
+    ///
+    /// # Errors
+    /// [`Error::QueueFull`] when the partition's queue is full and [`Error::ShuttingDown`] when
+    /// the committer has stopped; the commit's own errors come from [`Queued::committed`].
+    pub fn submit(&self, partition: u32, event: NewEvent) -> Result<Queued, Error> {
         if partition as usize >= self.depths.waiting.len() || self.queues.is_empty() {
             return Err(Error::ShuttingDown);
         }
@@ -128,7 +138,7 @@ impl Publisher {
                 mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
             });
         }
-        response.await.map_err(|_| Error::ShuttingDown)?
+        Ok(Queued { response })
     }
 
     /// Returns a view of the queues' depth that does not keep them open.
@@ -137,6 +147,25 @@ impl Publisher {
             queues: self.queues.iter().map(mpsc::Sender::downgrade).collect(),
             depths: Arc::clone(&self.depths),
         }
+    }
+}
+
+/// An event in its committer's queue. The committer does its work whether or not this is
+/// awaited: dropping it does not withdraw the event.
+#[derive(Debug)]
+pub struct Queued {
+    response: oneshot::Receiver<Result<PublishResponse, Error>>,
+}
+
+impl Queued {
+    /// Waits for the commit of the event.
+    ///
+    /// # Errors
+    /// [`Error::IdempotencyConflict`] when the key was used for other content,
+    /// [`Error::StoreUnavailable`] when the commit failed, and [`Error::ShuttingDown`] when the
+    /// committer stopped before it replied.
+    pub async fn committed(self) -> Result<PublishResponse, Error> {
+        self.response.await.map_err(|_| Error::ShuttingDown)?
     }
 }
 

@@ -41,6 +41,22 @@ pub enum Error {
         /// Id of the event the key was first used for.
         first_id: String,
     },
+    /// The caller's API key may not publish to the channel.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// An earlier event of the same channel in a `PublishBatch` call was not published, so this
+    /// one was not queued either, to keep the channel's order.
+    #[error(
+        "event {first_failed} of this batch, on channel {channel:?}, was not published, so this later event of the \
+         channel was not either, to keep the channel's order; publish the channel's events again from event \
+         {first_failed}"
+    )]
+    EarlierEventFailed {
+        /// The channel of both events.
+        channel: String,
+        /// Index in the batch of the channel's first event that failed.
+        first_failed: usize,
+    },
     /// The store of record failed. The cause was logged where it happened.
     #[error("the store of record is unavailable; retry with backoff")]
     StoreUnavailable,
@@ -57,13 +73,13 @@ impl From<Error> for Status {
         let message = err.to_string();
         match err {
             Error::InvalidArgument(_) => Status::invalid_argument(message),
-            Error::QueueFull { .. } => {
-                Status::with_metadata(Code::ResourceExhausted, message, pushback(RETRY_PUSHBACK_MS))
-            }
-            Error::RateLimited { retry_after_ms } => {
-                Status::with_metadata(Code::ResourceExhausted, message, pushback(retry_after_ms))
+            Error::QueueFull { .. } | Error::RateLimited { .. } => {
+                let wait = err.retry_after_ms().unwrap_or(RETRY_PUSHBACK_MS);
+                Status::with_metadata(Code::ResourceExhausted, message, pushback(wait))
             }
             Error::IdempotencyConflict { .. } => Status::already_exists(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
+            Error::EarlierEventFailed { .. } => Status::aborted(message),
             Error::StoreUnavailable | Error::ShuttingDown => Status::unavailable(message),
             Error::History(HistoryError::NoSuchPartition { .. }) => Status::invalid_argument(message),
             Error::History(HistoryError::Unavailable(cause)) => {
@@ -72,6 +88,17 @@ impl From<Error> for Status {
                 }
                 Status::unavailable("the store of record is unavailable; retry with backoff")
             }
+        }
+    }
+}
+
+impl Error {
+    /// Returns the time a caller should wait before it retries, for the errors that carry one.
+    pub fn retry_after_ms(&self) -> Option<u32> {
+        match self {
+            Error::QueueFull { .. } => Some(RETRY_PUSHBACK_MS),
+            Error::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+            _ => None,
         }
     }
 }

@@ -56,6 +56,8 @@ pub mod publish_result {
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     /// The notifier was draining.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// An earlier event of the channel in the same `PublishBatch` call failed.
+    pub const ABORTED: &str = "aborted";
     /// Any other gRPC error.
     pub const OTHER: &str = "other";
     /// The caller went away (cancelled, or its deadline passed) before the reply. Its event may
@@ -178,6 +180,13 @@ impl Metrics {
         }
     }
 
+    /// Counts `events` publishes that were rejected together, such as the events of a
+    /// `PublishBatch` call without a valid API key.
+    pub fn reject_publishes(&self, result: &'static str, events: usize) {
+        let counter = self.publish_requests.get_or_create(&ResultLabel { result });
+        counter.inc_by(events as u64);
+    }
+
     /// Starts counting one publish call: [`PublishCall::finish`] records its result, and a call
     /// dropped before that, because its caller went away, counts as `cancelled`.
     pub fn publish_call(&self) -> PublishCall<'_> {
@@ -235,6 +244,8 @@ pub fn error_result(err: &Error) -> &'static str {
         Error::QueueFull { .. } => publish_result::QUEUE_FULL,
         Error::RateLimited { .. } => publish_result::RATE_LIMITED,
         Error::IdempotencyConflict { .. } => publish_result::IDEMPOTENCY_CONFLICT,
+        Error::PermissionDenied(_) => publish_result::PERMISSION_DENIED,
+        Error::EarlierEventFailed { .. } => publish_result::ABORTED,
         Error::StoreUnavailable => publish_result::STORE_UNAVAILABLE,
         Error::ShuttingDown => publish_result::SHUTTING_DOWN,
         Error::History(_) => publish_result::OTHER,

@@ -1,25 +1,30 @@
 //! The `notify.v1.Notifier` gRPC service.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use notify_proto::channel::{partition_of, validate_channel};
 use notify_proto::history::{HistoryError, HistoryStore, MAX_PAGE};
 use notify_proto::pb::notifier_server::Notifier;
 use notify_proto::pb::{
-    HeadsRequest, HeadsResponse, HistoryRequest, HistoryResponse, PublishRequest, PublishResponse,
-    ReadPartitionRequest, ReadPartitionResponse,
+    HeadsRequest, HeadsResponse, HistoryRequest, HistoryResponse, PublishBatchRequest, PublishBatchResponse,
+    PublishError, PublishRequest, PublishResponse, PublishResult, ReadPartitionRequest, ReadPartitionResponse,
+    publish_result,
 };
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use crate::apikey::{ApiKeys, Caller};
-use crate::committer::Publisher;
+use crate::committer::{Publisher, Queued};
 use crate::error::Error;
 use crate::limits::{self, PublishLimiter};
 use crate::metrics::{self, Metrics};
 use crate::spans;
 use crate::store::Store;
 use crate::validate;
+
+/// Events of one `PublishBatch` call, at most.
+pub const MAX_BATCH_EVENTS: usize = 100;
 
 /// Page size of a History call whose limit is 0.
 pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
@@ -81,49 +86,142 @@ impl NotifierService {
         }
     }
 
-    /// Checks the caller's rate, validates the request and waits for its commit.
-    async fn publish_checked(
+    /// Returns what the events of one call share: the caller's rate key, idempotency scope and
+    /// trace context.
+    fn call_context<T>(&self, request: &Request<T>, caller: &Caller) -> CallContext {
+        CallContext {
+            rate_key: limits::rate_key(request, caller.key_hash()),
+            idempotency_scope: caller.idempotency_scope(),
+            trace: validate::trace_context(request.metadata()),
+            // The "event published" line is this module's only line inside the publish span.
+            debug_logged: tracing::enabled!(tracing::Level::DEBUG),
+        }
+    }
+
+    /// Queues one event for its commit inside the event's own `publish` span. The rate limit
+    /// and validation errors come back at once.
+    fn submit(&self, request: PublishRequest, call: &CallContext) -> Submitted {
+        let span = spans::publish(&request.channel, &call.trace, call.debug_logged);
+        let queued = span.in_scope(|| self.queue(request, call, &span));
+        Submitted { span, queued }
+    }
+
+    fn queue(&self, request: PublishRequest, call: &CallContext, span: &Span) -> Result<Queued, Error> {
+        self.limiter.check(&call.rate_key)?;
+        let event = spans::validate()
+            .in_scope(|| validate::publish_request(request, call.trace.clone(), self.max_payload_bytes))?;
+        let mut event = spans::stamp(event, span);
+        event.idempotency_scope.clone_from(&call.idempotency_scope);
+        let partition = partition_of(&event.channel, self.store.partitions());
+        span.record("event.partition", i64::from(partition));
+        self.publisher.submit(partition, event)
+    }
+
+    /// Publishes the events of one `PublishBatch` call and returns their outcomes in order.
+    async fn publish_each(
         &self,
-        request: Request<PublishRequest>,
+        events: Vec<PublishRequest>,
         caller: &Caller,
-    ) -> Result<PublishResponse, Error> {
-        self.limiter.check(&limits::rate_key(&request, caller.key_hash()))?;
-        let trace = validate::trace_context(request.metadata());
-        // The "event published" line below is this module's only line inside the span.
-        let debug_logged = tracing::enabled!(tracing::Level::DEBUG);
-        let span = spans::publish(&request.get_ref().channel, &trace, debug_logged);
-        let published = self
-            .publish_traced(request, trace, caller.idempotency_scope(), &span)
-            .instrument(span.clone())
-            .await;
+        call: &CallContext,
+    ) -> Vec<PublishResult> {
+        // Channel name and batch index of each channel's first event that failed to queue.
+        let mut failed: HashMap<String, usize> = HashMap::new();
+        let mut pending = Vec::with_capacity(events.len());
+        for (index, request) in events.into_iter().enumerate() {
+            let metric = self.metrics.publish_call();
+            let submitted = if let Some(&first_failed) = failed.get(&request.channel) {
+                let channel = request.channel;
+                Submitted::failed(Error::EarlierEventFailed { channel, first_failed })
+            } else if let Err(status) = caller.may_publish(&request.channel) {
+                failed.insert(request.channel, index);
+                Submitted::failed(Error::PermissionDenied(status.message().to_owned()))
+            } else {
+                let channel = request.channel.clone();
+                let submitted = self.submit(request, call);
+                if submitted.queued.is_err() {
+                    failed.insert(channel, index);
+                }
+                submitted
+            };
+            pending.push(async move {
+                let outcome = submitted.committed().await;
+                metric.finish(publish_result_label(&outcome));
+                publish_result(outcome)
+            });
+        }
+        futures_util::future::join_all(pending).await
+    }
+}
+
+/// The settings that all events of one call share.
+struct CallContext {
+    rate_key: String,
+    idempotency_scope: String,
+    trace: validate::TraceContext,
+    debug_logged: bool,
+}
+
+/// An event queued for its commit, or the error that kept it out of the queue, with its
+/// `publish` span.
+struct Submitted {
+    span: Span,
+    queued: Result<Queued, Error>,
+}
+
+impl Submitted {
+    fn failed(err: Error) -> Self {
+        Self {
+            span: Span::none(),
+            queued: Err(err),
+        }
+    }
+
+    /// Waits for the commit inside the event's span and records the outcome on it.
+    async fn committed(self) -> Result<PublishResponse, Error> {
+        let Self { span, queued } = self;
+        let published = match queued {
+            Ok(queued) => queued.committed().instrument(span.clone()).await,
+            Err(err) => Err(err),
+        };
+        if let Ok(response) = &published {
+            span.in_scope(|| {
+                tracing::debug!(
+                    event.id = %response.id,
+                    event.position = response.position,
+                    duplicate = response.duplicate,
+                    "event published"
+                );
+            });
+        }
         spans::record_outcome(&span, &published);
         published
     }
+}
 
-    /// Validates the request and waits for its commit, inside its `publish` span. The request's
-    /// idempotency key belongs to `idempotency_scope`, the caller's.
-    async fn publish_traced(
-        &self,
-        request: Request<PublishRequest>,
-        trace: validate::TraceContext,
-        idempotency_scope: String,
-        span: &tracing::Span,
-    ) -> Result<PublishResponse, Error> {
-        let event = spans::validate()
-            .in_scope(|| validate::publish_request(request.into_inner(), trace, self.max_payload_bytes))?;
-        let mut event = spans::stamp(event, span);
-        event.idempotency_scope = idempotency_scope;
-        let partition = partition_of(&event.channel, self.store.partitions());
-        span.record("event.partition", i64::from(partition));
-        let response = self.publisher.publish(partition, event).await?;
-        tracing::debug!(
-            event.id = %response.id,
-            event.position = response.position,
-            duplicate = response.duplicate,
-            "event published"
-        );
-        Ok(response)
+/// Returns the `result` label of a publish's outcome.
+fn publish_result_label(outcome: &Result<PublishResponse, Error>) -> &'static str {
+    match outcome {
+        Ok(response) if response.duplicate => metrics::publish_result::DUPLICATE,
+        Ok(_) => metrics::publish_result::OK,
+        Err(err) => metrics::error_result(err),
     }
+}
+
+/// Converts the outcome of one event of a batch into its result message.
+fn publish_result(outcome: Result<PublishResponse, Error>) -> PublishResult {
+    let outcome = match outcome {
+        Ok(response) => publish_result::Outcome::Published(response),
+        Err(err) => {
+            let retry_after_ms = err.retry_after_ms().unwrap_or(0);
+            let status = Status::from(err);
+            publish_result::Outcome::Error(PublishError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                retry_after_ms,
+            })
+        }
+    };
+    PublishResult { outcome: Some(outcome) }
 }
 
 #[tonic::async_trait]
@@ -141,14 +239,32 @@ impl Notifier for NotifierService {
                 return Err(status);
             }
         };
-        let published = self.publish_checked(request, &caller).await;
-        let result = match &published {
-            Ok(response) if response.duplicate => metrics::publish_result::DUPLICATE,
-            Ok(_) => metrics::publish_result::OK,
-            Err(err) => metrics::error_result(err),
-        };
-        call.finish(result);
+        let context = self.call_context(&request, &caller);
+        let published = self.submit(request.into_inner(), &context).committed().await;
+        call.finish(publish_result_label(&published));
         published.map(Response::new).map_err(Status::from)
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<PublishBatchRequest>,
+    ) -> Result<Response<PublishBatchResponse>, Status> {
+        let count = request.get_ref().events.len();
+        let caller = self.authenticate(&request, "PublishBatch").inspect_err(|status| {
+            self.metrics
+                .reject_publishes(metrics::status_result(status.code()), count);
+        })?;
+        if !(1..=MAX_BATCH_EVENTS).contains(&count) {
+            self.metrics
+                .reject_publishes(metrics::publish_result::INVALID_ARGUMENT, count);
+            return Err(Status::invalid_argument(format!(
+                "a PublishBatch call holds 1 to {MAX_BATCH_EVENTS} events, and this one holds {count}; split the \
+                 events over several calls"
+            )));
+        }
+        let context = self.call_context(&request, &caller);
+        let results = self.publish_each(request.into_inner().events, &caller, &context).await;
+        Ok(Response::new(PublishBatchResponse { results }))
     }
 
     async fn history(&self, request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {

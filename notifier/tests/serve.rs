@@ -14,7 +14,11 @@ use notify_proto::http_server::{HEADER_READ_TIMEOUT, MAX_METRICS_CONNECTIONS};
 use notify_proto::log::LogReader;
 use notify_proto::memory::MemoryLog;
 use notify_proto::pb::notifier_client::NotifierClient;
-use notify_proto::pb::{HeadsRequest, HistoryRequest, PublishRequest, ReadPartitionRequest};
+use notify_proto::pb::publish_result::Outcome;
+use notify_proto::pb::{
+    HeadsRequest, HistoryRequest, PublishBatchRequest, PublishError, PublishRequest, PublishResponse,
+    ReadPartitionRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -135,15 +139,7 @@ async fn publish_and_read_over_grpc() {
     let first = client.publish(request).await.expect("publish").into_inner();
     assert_eq!((first.position, first.duplicate), (1, false));
 
-    let history = client
-        .history(HistoryRequest {
-            channel: "news".into(),
-            since: 0,
-            limit: 0,
-        })
-        .await
-        .expect("history")
-        .into_inner();
+    let history = first_page(&mut client, "news").await;
     assert_eq!(history.events.len(), 1);
     assert_eq!(history.events[0].id, first.id);
     assert_eq!(history.events[0].data, r#"{"title":"שלום"}"#);
@@ -460,6 +456,178 @@ async fn idempotency_keys_are_per_api_key() {
     assert_eq!(conflict.code(), Code::AlreadyExists);
     assert!(conflict.message().contains(&news.id), "{}", conflict.message());
     assert!(!conflict.message().contains(&orders.id), "{}", conflict.message());
+
+    stop(running).await;
+}
+
+/// Returns the first page of a channel's history.
+async fn first_page(client: &mut NotifierClient<Channel>, channel: &str) -> notify_proto::pb::HistoryResponse {
+    let request = HistoryRequest {
+        channel: channel.into(),
+        since: 0,
+        limit: 0,
+    };
+    client.history(request).await.expect("history").into_inner()
+}
+
+/// Returns the outcomes of a `PublishBatch` call, failing the test when the call itself failed.
+async fn publish_batch(client: &mut NotifierClient<Channel>, events: Vec<PublishRequest>) -> Vec<Outcome> {
+    let response = client
+        .publish_batch(PublishBatchRequest { events })
+        .await
+        .expect("batch call");
+    let results = response.into_inner().results;
+    results
+        .into_iter()
+        .map(|result| result.outcome.expect("every result has an outcome"))
+        .collect()
+}
+
+fn published(outcome: &Outcome) -> &PublishResponse {
+    match outcome {
+        Outcome::Published(response) => response,
+        Outcome::Error(err) => panic!("event failed: {err:?}"),
+    }
+}
+
+fn failed(outcome: &Outcome) -> &PublishError {
+    match outcome {
+        Outcome::Error(err) => err,
+        Outcome::Published(response) => panic!("event was published: {response:?}"),
+    }
+}
+
+#[tokio::test]
+async fn batch_results_follow_request_order() {
+    let running = start(Config::default()).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+    let first = client
+        .publish(publish_request("news", "0", "key-0"))
+        .await
+        .expect("publish")
+        .into_inner();
+
+    let hebrew = r#"{"title":"שלום, עולם"}"#;
+    let outcomes = publish_batch(
+        &mut client,
+        vec![
+            publish_request("news", hebrew, ""),
+            publish_request("sport", "{oops", ""),
+            publish_request("news", "2", "key-0"),
+            publish_request("sport", "3", ""),
+            publish_request("news", "4", "key-4"),
+            publish_request("news", "0", "key-0"),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes.len(), 6);
+
+    assert_eq!(published(&outcomes[0]).position, first.position + 1);
+    let invalid = failed(&outcomes[1]);
+    assert_eq!(invalid.code, Code::InvalidArgument as i32);
+    assert!(
+        invalid.message.starts_with("data is not valid JSON"),
+        "{}",
+        invalid.message
+    );
+    // The key was first used for other content.
+    let conflict = failed(&outcomes[2]);
+    assert_eq!(conflict.code, Code::AlreadyExists as i32);
+    assert!(conflict.message.contains(&first.id), "{}", conflict.message);
+    // The channel's earlier event failed before it was queued, so this one is not published.
+    let aborted = failed(&outcomes[3]);
+    assert_eq!(aborted.code, Code::Aborted as i32);
+    assert!(
+        aborted
+            .message
+            .starts_with("event 1 of this batch, on channel \"sport\""),
+        "{}",
+        aborted.message
+    );
+    // A conflict is found at commit time, so the channel's later events are still published.
+    assert_eq!(published(&outcomes[4]).position, first.position + 2);
+    let retry = published(&outcomes[5]);
+    assert_eq!((retry.id.as_str(), retry.duplicate), (first.id.as_str(), true));
+
+    let history = first_page(&mut client, "news").await;
+    let data: Vec<&str> = history.events.iter().map(|event| event.data.as_str()).collect();
+    assert_eq!(data, ["0", hebrew, "4"]);
+    let sport = first_page(&mut client, "sport").await;
+    assert!(sport.events.is_empty(), "{:?}", sport.events);
+
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn batch_size_checked_first() {
+    let running = start(Config::default()).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+
+    let empty = client
+        .publish_batch(PublishBatchRequest { events: Vec::new() })
+        .await
+        .expect_err("empty batch");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    let events = (0..101).map(|n| publish_request("news", &n.to_string(), "")).collect();
+    let oversized = client
+        .publish_batch(PublishBatchRequest { events })
+        .await
+        .expect_err("101 events");
+    assert_eq!(oversized.code(), Code::InvalidArgument);
+    assert_eq!(
+        oversized.message(),
+        "a PublishBatch call holds 1 to 100 events, and this one holds 101; split the events over several calls"
+    );
+    let heads = client.heads(HeadsRequest {}).await.expect("heads").into_inner();
+    assert!(heads.heads.iter().all(|head| *head == 0), "{:?}", heads.heads);
+
+    stop(running).await;
+}
+
+#[tokio::test]
+async fn batch_limits_each_event() {
+    use notifier::apikey::{hash_key, hex};
+
+    let config = Config {
+        publisher_keys: vec![format!("{}:orders:", hex(&hash_key("orders-key")))],
+        publish_rate: std::num::NonZeroU32::new(1).expect("nonzero"),
+        publish_burst: std::num::NonZeroU32::new(2).expect("nonzero"),
+        ..Config::default()
+    };
+    let running = start(config).await;
+    let mut client = NotifierClient::new(channel(running.grpc).await);
+    let events = vec![
+        publish_request("orders:eu", "1", ""),
+        publish_request("news", "2", ""),
+        publish_request("orders:us", "3", ""),
+        publish_request("orders:asia", "4", ""),
+    ];
+
+    let unauthenticated = client
+        .publish_batch(PublishBatchRequest { events: events.clone() })
+        .await
+        .expect_err("no API key");
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+
+    let mut request = tonic::Request::new(PublishBatchRequest { events });
+    let bearer = "Bearer orders-key".parse().expect("ascii");
+    request.metadata_mut().insert("authorization", bearer);
+    let results = client
+        .publish_batch(request)
+        .await
+        .expect("batch call")
+        .into_inner()
+        .results;
+    let outcomes: Vec<Outcome> = results.into_iter().filter_map(|result| result.outcome).collect();
+    assert_eq!(outcomes.len(), 4);
+    published(&outcomes[0]);
+    let denied = failed(&outcomes[1]);
+    assert_eq!(denied.code, Code::PermissionDenied as i32);
+    assert!(denied.message.contains("news"), "{}", denied.message);
+    published(&outcomes[2]);
+    let limited = failed(&outcomes[3]);
+    assert_eq!(limited.code, Code::ResourceExhausted as i32);
+    assert!(limited.retry_after_ms > 0, "{limited:?}");
 
     stop(running).await;
 }

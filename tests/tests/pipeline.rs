@@ -331,3 +331,45 @@ e2e_test!(position_ahead_of_stream_is_an_error, |env| {
     assert_eq!(answer["code"], "invalid_position");
     Ok(())
 });
+
+e2e_test!(batch_arrives_in_request_order, |env| {
+    use notify_proto::pb::PublishBatchRequest;
+    use notify_proto::pb::publish_result::Outcome;
+
+    let mut client = env.connect("alice").await?;
+    client.subscribe("news").await?;
+    let data: Vec<String> = (0..50).map(|n| format!(r#"{{"n":{n},"title":"חדשות {n}"}}"#)).collect();
+    let events = data
+        .iter()
+        .map(|data| PublishRequest {
+            channel: "news".into(),
+            r#type: "post.created".into(),
+            data: data.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let mut publisher = env.publisher().await?;
+    let results = publisher
+        .publish_batch(PublishBatchRequest { events })
+        .await?
+        .into_inner()
+        .results;
+    let mut positions = Vec::new();
+    for result in results {
+        match result.outcome {
+            Some(Outcome::Published(published)) => positions.push(published.position),
+            other => anyhow::bail!("an event of the batch was not published: {other:?}"),
+        }
+    }
+    ensure!(positions.len() == 50, "{} results for 50 events", positions.len());
+    ensure!(positions.windows(2).all(|pair| pair[1] == pair[0] + 1), "{positions:?}");
+
+    for (sent, position) in data.iter().zip(&positions) {
+        let frame = client.recv_text().await?;
+        assert_eq!(raw_data(&frame)?, *sent);
+        let event: Value = serde_json::from_str(&frame)?;
+        assert_eq!(event["position"], *position);
+    }
+    client.expect_nothing_pending().await?;
+    Ok(())
+});

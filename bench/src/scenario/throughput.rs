@@ -34,6 +34,10 @@ pub struct ThroughputArgs {
     /// Channels the publishes spread over.
     #[arg(long, default_value_t = 64)]
     pub channels: usize,
+    /// Events per call: 1 sends Publish calls, more sends PublishBatch calls of this many events
+    /// (at most 100), and `--concurrency` counts calls.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub batch: u16,
     /// Options every scenario takes.
     #[command(flatten)]
     pub common: Common,
@@ -44,8 +48,10 @@ pub struct ThroughputArgs {
 pub struct ThroughputResult {
     /// Always `publish-throughput`.
     pub scenario: &'static str,
-    /// Publishes in flight.
+    /// Calls in flight.
     pub concurrency: usize,
+    /// Events per call.
+    pub batch: u16,
     /// HTTP/2 connections.
     pub connections: usize,
     /// Acknowledged publishes.
@@ -72,6 +78,7 @@ impl Row for ThroughputResult {
     fn columns(&self) -> Vec<&'static str> {
         vec![
             "concurrency",
+            "batch",
             "acked",
             "failed",
             "publishes/s",
@@ -86,6 +93,7 @@ impl Row for ThroughputResult {
     fn cells(&self) -> Vec<String> {
         vec![
             self.concurrency.to_string(),
+            self.batch.to_string(),
             self.acked.to_string(),
             self.failures.to_string(),
             number(Some(self.acked_per_s), 0),
@@ -122,6 +130,7 @@ async fn measure(deployment: &mut Deployment, args: &ThroughputArgs) -> anyhow::
     };
     let plan = ClosedLoop {
         concurrency: args.concurrency,
+        batch: usize::from(args.batch),
         connections: args.connections,
         events: args.events,
         max_duration: Duration::from_secs(args.max_secs),
@@ -135,6 +144,7 @@ async fn measure(deployment: &mut Deployment, args: &ThroughputArgs) -> anyhow::
     Ok(ThroughputResult {
         scenario: "publish-throughput",
         concurrency: args.concurrency,
+        batch: args.batch,
         connections: args.connections,
         acked: published.acked,
         failures: published.failures,
