@@ -88,8 +88,9 @@ impl NotifierService {
 
     /// Returns what the events of one call share: the caller's rate key, idempotency scope and
     /// trace context.
-    fn call_context<T>(&self, request: &Request<T>, caller: &Caller) -> CallContext {
+    fn call_context<T>(&self, method: &'static str, request: &Request<T>, caller: &Caller) -> CallContext {
         CallContext {
+            method,
             rate_key: limits::rate_key(request, caller.key_hash()),
             idempotency_scope: caller.idempotency_scope(),
             trace: validate::trace_context(request.metadata()),
@@ -101,7 +102,7 @@ impl NotifierService {
     /// Queues one event for its commit inside the event's own `publish` span. The rate limit
     /// and validation errors come back at once.
     fn submit(&self, request: PublishRequest, call: &CallContext) -> Submitted {
-        let span = spans::publish(&request.channel, &call.trace, call.debug_logged);
+        let span = spans::publish(call.method, &request.channel, &call.trace, call.debug_logged);
         let queued = span.in_scope(|| self.queue(request, call, &span));
         Submitted { span, queued }
     }
@@ -155,6 +156,7 @@ impl NotifierService {
 
 /// The settings that all events of one call share.
 struct CallContext {
+    method: &'static str,
     rate_key: String,
     idempotency_scope: String,
     trace: validate::TraceContext,
@@ -239,7 +241,7 @@ impl Notifier for NotifierService {
                 return Err(status);
             }
         };
-        let context = self.call_context(&request, &caller);
+        let context = self.call_context("Publish", &request, &caller);
         let published = self.submit(request.into_inner(), &context).committed().await;
         call.finish(publish_result_label(&published));
         published.map(Response::new).map_err(Status::from)
@@ -262,7 +264,7 @@ impl Notifier for NotifierService {
                  events over several calls"
             )));
         }
-        let context = self.call_context(&request, &caller);
+        let context = self.call_context("PublishBatch", &request, &caller);
         let results = self.publish_each(request.into_inner().events, &caller, &context).await;
         Ok(Response::new(PublishBatchResponse { results }))
     }

@@ -18,10 +18,10 @@ use crate::error::Error;
 use crate::store::NewEvent;
 use crate::validate::TraceContext;
 
-/// Creates the `publish` span of a call, as a child of the caller's trace context, while spans
-/// are exported or `debug_logged` is true, meaning the call's `debug` lines are logged.
-/// Otherwise returns a disabled span.
-pub fn publish(channel: &str, trace: &TraceContext, debug_logged: bool) -> Span {
+/// Creates the `publish` span of one event of a `method` call (`Publish` or `PublishBatch`), as a
+/// child of the caller's trace context, while spans are exported or `debug_logged` is true,
+/// meaning the call's `debug` lines are logged. Otherwise returns a disabled span.
+pub fn publish(method: &'static str, channel: &str, trace: &TraceContext, debug_logged: bool) -> Span {
     if !debug_logged && !telemetry::is_exporting() {
         return Span::none();
     }
@@ -31,7 +31,7 @@ pub fn publish(channel: &str, trace: &TraceContext, debug_logged: bool) -> Span 
         otel.status_code = Empty,
         rpc.system = "grpc",
         rpc.service = "notify.v1.Notifier",
-        rpc.method = "Publish",
+        rpc.method = method,
         messaging.destination.name = channel,
         event.partition = Empty,
         event.position = Empty,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use e2e::env::{Mode, Options, TestEnv};
-use notify_proto::pb::PublishRequest;
+use notify_proto::pb::{PublishBatchRequest, PublishRequest};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -99,6 +99,31 @@ impl Collector {
     /// Waits until the collector has received spans of `trace_id` with every name in `names`, and
     /// returns the spans of that trace.
     async fn wait_for(&self, trace_id: &[u8], names: &[&str]) -> anyhow::Result<Vec<Received>> {
+        self.wait_until(trace_id, &format!("the spans {names:?}"), |spans| {
+            names
+                .iter()
+                .all(|name| spans.iter().any(|received| received.span.name == *name))
+        })
+        .await
+    }
+
+    /// Waits until the collector has received `count` spans named `name` of `trace_id`, and
+    /// returns the spans of that trace.
+    async fn wait_for_count(&self, trace_id: &[u8], name: &str, count: usize) -> anyhow::Result<Vec<Received>> {
+        self.wait_until(trace_id, &format!("{count} {name} spans"), |spans| {
+            spans.iter().filter(|received| received.span.name == name).count() >= count
+        })
+        .await
+    }
+
+    /// Waits until the spans of `trace_id` satisfy `complete`, and returns them. `expected`
+    /// describes the condition for the error message.
+    async fn wait_until(
+        &self,
+        trace_id: &[u8],
+        expected: &str,
+        complete: impl Fn(&[Received]) -> bool,
+    ) -> anyhow::Result<Vec<Received>> {
         let deadline = tokio::time::Instant::now() + e2e::patience();
         loop {
             let spans: Vec<Received> = self
@@ -109,15 +134,12 @@ impl Collector {
                 .filter(|received| received.span.trace_id == trace_id)
                 .cloned()
                 .collect();
-            let complete = names
-                .iter()
-                .all(|name| spans.iter().any(|received| received.span.name == *name));
-            if complete {
+            if complete(&spans) {
                 return Ok(spans);
             }
             ensure!(
                 tokio::time::Instant::now() < deadline,
-                "the collector did not receive the spans {names:?} of the trace; it has {:?}",
+                "the collector did not receive {expected} of the trace; it has {:?}",
                 spans
                     .iter()
                     .map(|received| (&received.service, &received.span.name))
@@ -153,6 +175,14 @@ fn int_attribute(span: &Span, key: &str) -> Option<i64> {
     let value = span.attributes.iter().find(|attribute| attribute.key == key)?;
     match value.value.as_ref()?.value.as_ref()? {
         AnyValue::IntValue(number) => Some(*number),
+        _ => None,
+    }
+}
+
+fn string_attribute(span: &Span, key: &str) -> Option<String> {
+    let value = span.attributes.iter().find(|attribute| attribute.key == key)?;
+    match value.value.as_ref()?.value.as_ref()? {
+        AnyValue::StringValue(text) => Some(text.clone()),
         _ => None,
     }
 }
@@ -209,7 +239,9 @@ async fn deployment(mode: Mode, options: Options) -> anyhow::Result<Option<TestE
 
 // === One trace from the caller through the notifier to the edge ===
 
-async fn spans_share_the_callers_trace(mode: Mode) -> anyhow::Result<()> {
+/// Starts a deployment in `mode` whose services export their spans to a new collector, or
+/// returns `None` when the distributed mode's services are missing and not required.
+async fn traced_deployment(mode: Mode) -> anyhow::Result<Option<(Collector, TestEnv)>> {
     let (collector, collector_addr) = Collector::start().await?;
     let endpoint = format!("http://{collector_addr}");
     let options = Options::default()
@@ -217,7 +249,11 @@ async fn spans_share_the_callers_trace(mode: Mode) -> anyhow::Result<()> {
         .notifier("OTEL_BSP_SCHEDULE_DELAY", "100")
         .edge("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .edge("OTEL_BSP_SCHEDULE_DELAY", "100");
-    let Some(env) = deployment(mode, options).await? else {
+    Ok(deployment(mode, options).await?.map(|env| (collector, env)))
+}
+
+async fn spans_share_the_callers_trace(mode: Mode) -> anyhow::Result<()> {
+    let Some((collector, env)) = traced_deployment(mode).await? else {
         return Ok(());
     };
     let mut alice = env.connect("alice").await?;
@@ -283,6 +319,70 @@ async fn trace_chain_distributed() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_chain_standalone() -> anyhow::Result<()> {
     spans_share_the_callers_trace(Mode::Standalone).await
+}
+
+// === A PublishBatch call: one publish span per event ===
+
+async fn batch_spans_share_the_callers_trace(mode: Mode) -> anyhow::Result<()> {
+    let Some((collector, env)) = traced_deployment(mode).await? else {
+        return Ok(());
+    };
+    let mut alice = env.connect("alice").await?;
+    alice.subscribe("news").await?;
+
+    let caller = CallerTrace::random();
+    let events = ["first", "second"]
+        .map(|title| PublishRequest {
+            channel: "news".into(),
+            r#type: "post.created".into(),
+            data: format!(r#"{{"title":"{title}"}}"#),
+            ..PublishRequest::default()
+        })
+        .to_vec();
+    let mut request = tonic::Request::new(PublishBatchRequest { events });
+    request
+        .metadata_mut()
+        .insert("traceparent", caller.traceparent().parse()?);
+    env.publisher().await?.publish_batch(request).await?;
+    assert_eq!(alice.expect_type("post.created").await?["data"]["title"], "first");
+    assert_eq!(alice.expect_type("post.created").await?["data"]["title"], "second");
+
+    let spans = collector.wait_for_count(&caller.trace_id, "deliver", 2).await?;
+    let named = |name: &str| -> Vec<&Span> {
+        spans
+            .iter()
+            .filter(|received| received.span.name == name)
+            .map(|received| &received.span)
+            .collect()
+    };
+    let publishes = named("publish");
+    assert_eq!(publishes.len(), 2, "one publish span per event");
+    for publish in &publishes {
+        assert_eq!(publish.parent_span_id, caller.span_id);
+        assert_eq!(string_attribute(publish, "rpc.method").as_deref(), Some("PublishBatch"));
+    }
+    let mut parents: Vec<&[u8]> = named("deliver")
+        .iter()
+        .map(|deliver| deliver.parent_span_id.as_slice())
+        .collect();
+    let mut publish_ids: Vec<&[u8]> = publishes.iter().map(|publish| publish.span_id.as_slice()).collect();
+    parents.sort_unstable();
+    publish_ids.sort_unstable();
+    assert_eq!(
+        parents, publish_ids,
+        "each deliver span is the child of its event's publish span"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_trace_distributed() -> anyhow::Result<()> {
+    batch_spans_share_the_callers_trace(Mode::Distributed).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_trace_standalone() -> anyhow::Result<()> {
+    batch_spans_share_the_callers_trace(Mode::Standalone).await
 }
 
 // === Export to an https endpoint ===
