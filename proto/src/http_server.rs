@@ -45,6 +45,12 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30);
 /// Time a connection asked to close (by its age or by the server's stop) has to finish the
 /// response in progress before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers) a connection may send, in bytes, checked
+/// after each read of an incomplete head. A larger one gets 431 and the connection closes.
+/// hyper's default limit is 8 KiB plus 400 KiB, which every connection that never finishes its
+/// headers could fill until the header read timeout. A handshake's head needs a few KiB, token
+/// included.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after an accept error such as too many open files, so that the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Accept errors repeat every [`ACCEPT_ERROR_PAUSE`] while file descriptors run out, so their
@@ -189,7 +195,8 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES);
     let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
     let (max_age, close_grace) = (limits.max_age, limits.close_grace);
     async move {
@@ -449,6 +456,43 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(stalled);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn oversized_request_head_is_rejected() {
+        let server = start(HEADER_READ_TIMEOUT, 8, Counter::default()).await;
+        // hyper checks the limit only while a head is incomplete, after each read, so one read may
+        // take a head somewhat past it. Four times the limit is over it in any case.
+        let header = "a".repeat(4 * MAX_REQUEST_HEAD_BYTES);
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let request = format!("GET / HTTP/1.1\r\nHost: test\r\nX-Big: {header}\r\n\r\n");
+        // The server may close before it has read the whole request, so a failed write is fine.
+        let _ = stream.write_all(request.as_bytes()).await;
+        // The server responds with 431 and closes, and the close may reset the connection before the
+        // response is read; either way the request is not served.
+        let mut response = vec![0; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response))
+            .await
+            .expect("a response in time");
+        if let Ok(read) = read {
+            let response = String::from_utf8_lossy(&response[..read]);
+            assert!(
+                response.is_empty() || response.starts_with("HTTP/1.1 431"),
+                "{response}"
+            );
+        }
+
+        let small = format!(
+            "GET / HTTP/1.1\r\nHost: test\r\nX-Token: {}\r\n\r\n",
+            "a".repeat(16 * 1024)
+        );
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(small.as_bytes()).await.expect("write");
+        let mut response = vec![0; 64];
+        let read = stream.read(&mut response).await.expect("read");
+        let response = String::from_utf8_lossy(&response[..read]);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         server.stop().await;
     }
 }
