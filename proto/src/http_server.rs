@@ -2,7 +2,9 @@
 //!
 //! warp 0.4.3 sets no timer on hyper's connection builder, so a client that never finishes its
 //! request headers would hold its connection, and a file descriptor, forever. [`serve`] gives
-//! every connection hyper's header read timeout and caps how many connections it serves at once.
+//! every connection hyper's header read timeout and a maximum age, and caps how many connections
+//! it serves at once. The age covers what the header timeout does not: a client that sends
+//! requests but reads no responses, so that the server's writes never finish.
 //!
 //! Connections speak HTTP/1 only. hyper-util's automatic HTTP/1 and HTTP/2 detection (0.1.21)
 //! first waits for up to 24 bytes with no timeout, and hyper's HTTP/2 server has no header read
@@ -35,6 +37,20 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// `NOTIFIER_HTTP_LISTEN` and the edge's `EDGE_METRICS_LISTEN`. Probes and scrapes open a few
 /// connections at a time, so 64 leaves room for several Prometheus servers and kubelets.
 pub const MAX_METRICS_CONNECTIONS: usize = 64;
+/// Time after which a connection that has not upgraded is asked to close. The header read
+/// timeout only covers reading: a client that pipelines requests and never reads the responses
+/// blocks the server's writes, and would otherwise hold its place under the cap forever. No
+/// connection that keeps to the header read timeout needs this long for its requests.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30);
+/// Time a connection asked to close (by its age or by the server's stop) has to finish the
+/// response in progress before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers) a connection may send, in bytes, checked
+/// after each read of an incomplete head. A larger one gets 431 and the connection closes.
+/// hyper's default limit is 8 KiB plus 400 KiB, which every connection that never finishes its
+/// headers could fill until the header read timeout. A handshake's head needs a few KiB, token
+/// included.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after an accept error such as too many open files, so that the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Accept errors repeat every [`ACCEPT_ERROR_PAUSE`] while file descriptors run out, so their
@@ -52,6 +68,10 @@ pub struct ClientAddr(pub SocketAddr);
 pub struct ConnectionLimits {
     /// Time a client has to send a request's headers; see [`HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Duration,
+    /// Age at which a connection is asked to close; see [`MAX_CONNECTION_AGE`].
+    pub max_age: Duration,
+    /// Time a connection asked to close has to finish its response; see [`CLOSE_GRACE`].
+    pub close_grace: Duration,
     /// Maximum connections served at once, counted from the accept until the connection closes
     /// or is upgraded (a WebSocket is then no longer the server's). One more is closed at once,
     /// without a response.
@@ -66,6 +86,8 @@ impl ConnectionLimits {
     pub fn new(max_connections: usize, rejected: Counter) -> Self {
         Self {
             header_read_timeout: HEADER_READ_TIMEOUT,
+            max_age: MAX_CONNECTION_AGE,
+            close_grace: CLOSE_GRACE,
             max_connections,
             rejected,
         }
@@ -141,8 +163,9 @@ fn reject(stream: TcpStream, remote: SocketAddr, limits: &ConnectionLimits) {
 }
 
 /// Serves one connection until it closes or is upgraded, holding its `place` under the cap
-/// until then. When `stopping` is cancelled, the connection finishes its request in progress
-/// and closes.
+/// until then. When `stopping` is cancelled or the connection reaches `limits.max_age`, it
+/// finishes its request in progress and closes. A connection that has not finished after
+/// `limits.close_grace`, such as one whose client reads no responses, is dropped.
 fn serve_connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
@@ -172,16 +195,29 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES);
     let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let (max_age, close_grace) = (limits.max_age, limits.close_grace);
     async move {
         let _place = place;
         let mut connection = std::pin::pin!(connection);
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            () = stopping.cancelled() => {
+        let finished = tokio::select! {
+            result = connection.as_mut() => Some(result),
+            () = stopping.cancelled() => None,
+            () = tokio::time::sleep(max_age) => None,
+        };
+        let result = match finished {
+            Some(result) => result,
+            None => {
                 connection.as_mut().graceful_shutdown();
-                connection.await
+                match tokio::time::timeout(close_grace, connection).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::debug!(client.addr = %remote, "dropped an HTTP connection that did not finish its response");
+                        Ok(())
+                    }
+                }
             }
         };
         if let Err(err) = result {
@@ -201,7 +237,12 @@ mod tests {
 
     use super::*;
 
-    /// Returns `ok` with the client's port, to show that [`ClientAddr`] reached the request.
+    /// Size of the response to `GET /big`, more than the socket buffers of a client that reads
+    /// nothing take.
+    const BIG_RESPONSE: usize = 32 << 20;
+
+    /// Returns `ok` with the client's port, to show that [`ClientAddr`] reached the request, or
+    /// [`BIG_RESPONSE`] bytes for `GET /big`.
     #[derive(Clone)]
     struct Hello;
 
@@ -215,6 +256,9 @@ mod tests {
         }
 
         fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+            if request.uri().path() == "/big" {
+                return std::future::ready(Ok(Response::new("x".repeat(BIG_RESPONSE))));
+            }
             let port = request
                 .extensions()
                 .get::<ClientAddr>()
@@ -230,13 +274,19 @@ mod tests {
     }
 
     async fn start(header_read_timeout: Duration, max_connections: usize, rejected: Counter) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let limits = ConnectionLimits {
             header_read_timeout,
+            max_age: MAX_CONNECTION_AGE,
+            close_grace: CLOSE_GRACE,
             max_connections,
             rejected,
         };
+        start_with(limits).await
+    }
+
+    async fn start_with(limits: ConnectionLimits) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped = async {
             let _ = stopped.await;
@@ -267,6 +317,24 @@ mod tests {
             .expect("a response in time")
             .expect("read");
         response
+    }
+
+    /// Sends a whole request and returns the response, or an empty string when the server closed
+    /// the connection first.
+    async fn try_get(addr: SocketAddr) -> String {
+        let mut response = String::new();
+        let Ok(mut stream) = TcpStream::connect(addr).await else {
+            return response;
+        };
+        let request = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+        if stream.write_all(request).await.is_err() {
+            return response;
+        }
+        let read = stream.read_to_string(&mut response);
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(_)) => response,
+            _ => String::new(),
+        }
     }
 
     /// Returns whether the server closed `stream` within `wait`.
@@ -345,6 +413,86 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(second);
+        server.stop().await;
+    }
+
+    /// A client that pipelines requests and reads none of the responses blocks the server's
+    /// writes, which the header read timeout does not cover. Its place is freed once the
+    /// connection reaches its maximum age and the close grace has passed.
+    #[tokio::test]
+    async fn stalled_reader_frees_its_place() {
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            max_age: Duration::from_millis(500),
+            close_grace: Duration::from_millis(300),
+            max_connections: 1,
+            rejected: Counter::default(),
+        };
+        let server = start_with(limits).await;
+        let stalled = tokio::net::TcpSocket::new_v4().expect("socket");
+        stalled.set_recv_buffer_size(4096).expect("small receive buffer");
+        let mut stalled = stalled.connect(server.addr).await.expect("connect");
+        let request = b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n";
+        stalled.write_all(&request.repeat(2)).await.expect("write");
+
+        // The server cannot finish the response, so the connection keeps the only place.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut second = TcpStream::connect(server.addr).await.expect("connect");
+        assert!(
+            closed_within(&mut second, Duration::from_secs(2)).await,
+            "a second connection was served while the first held the only place"
+        );
+
+        // The place is freed once the connection's age and the close grace have passed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if try_get(server.addr).await.starts_with("HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stalled connection still holds its place"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(stalled);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn oversized_request_head_is_rejected() {
+        let server = start(HEADER_READ_TIMEOUT, 8, Counter::default()).await;
+        // hyper checks the limit only while a head is incomplete, after each read, so one read may
+        // take a head somewhat past it. Four times the limit is over it in any case.
+        let header = "a".repeat(4 * MAX_REQUEST_HEAD_BYTES);
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let request = format!("GET / HTTP/1.1\r\nHost: test\r\nX-Big: {header}\r\n\r\n");
+        // The server may close before it has read the whole request, so a failed write is fine.
+        let _ = stream.write_all(request.as_bytes()).await;
+        // The server responds with 431 and closes, and the close may reset the connection before the
+        // response is read; either way the request is not served.
+        let mut response = vec![0; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response))
+            .await
+            .expect("a response in time");
+        if let Ok(read) = read {
+            let response = String::from_utf8_lossy(&response[..read]);
+            assert!(
+                response.is_empty() || response.starts_with("HTTP/1.1 431"),
+                "{response}"
+            );
+        }
+
+        let small = format!(
+            "GET / HTTP/1.1\r\nHost: test\r\nX-Token: {}\r\n\r\n",
+            "a".repeat(16 * 1024)
+        );
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(small.as_bytes()).await.expect("write");
+        let mut response = vec![0; 64];
+        let read = stream.read(&mut response).await.expect("read");
+        let response = String::from_utf8_lossy(&response[..read]);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         server.stop().await;
     }
 }
