@@ -52,6 +52,8 @@ enum Command {
     Serve,
     /// Publish one event to a running notifier.
     Publish(notifier::cli::PublishArgs),
+    /// Publish the events of a JSON Lines file in PublishBatch calls and print each result.
+    PublishBatch(notifier::cli::PublishBatchArgs),
     /// Mint a client token.
     Token(notifier::cli::TokenArgs),
 }
@@ -98,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.serve).await,
         Command::Publish(args) => notifier::cli::publish(args).await,
+        Command::PublishBatch(args) => notifier::cli::publish_batch(args).await,
         Command::Token(args) => notifier::cli::token(args).map(|token| println!("{token}")),
     };
     telemetry.shutdown();

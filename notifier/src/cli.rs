@@ -1,13 +1,15 @@
-//! Developer commands: `publish` sends one event to a running notifier, `token` mints a client
-//! JWT for the edge.
+//! Developer commands: `publish` sends one event to a running notifier, `publish-batch` sends the
+//! events of a JSON Lines file in `PublishBatch` calls, `token` mints a client JWT for the edge.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use jsonwebtoken::{EncodingKey, Header};
 use notify_proto::claims::Claims;
-use notify_proto::pb::PublishRequest;
 use notify_proto::pb::notifier_client::NotifierClient;
+use notify_proto::pb::{PublishBatchRequest, PublishRequest, publish_result};
+use serde_json::value::RawValue;
+use tonic::transport::Channel;
 
 /// Default address of the notifier the `publish` command calls.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
@@ -48,9 +50,7 @@ pub struct PublishArgs {
 /// Fails when the notifier is unreachable or rejects the event; the message carries the gRPC
 /// status code and the notifier's explanation.
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let mut client = NotifierClient::connect(args.addr.clone())
-        .await
-        .with_context(|| format!("connect to the notifier at {}", args.addr))?;
+    let mut client = connect(&args.addr).await?;
     let mut request = tonic::Request::new(PublishRequest {
         channel: args.channel,
         r#type: args.event_type,
@@ -58,12 +58,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         user_id: args.user_id.unwrap_or_default(),
         idempotency_key: args.idempotency_key.unwrap_or_default(),
     });
-    if let Some(key) = &args.api_key {
-        let value = format!("Bearer {key}")
-            .parse()
-            .context("the API key must be printable ASCII (NOTIFY_API_KEY)")?;
-        request.metadata_mut().insert("authorization", value);
-    }
+    authorize(&mut request, args.api_key.as_deref())?;
     let response = match client.publish(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => anyhow::bail!("publish failed: {:?}: {}", status.code(), status.message()),
@@ -74,6 +69,146 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         "duplicate": response.duplicate,
     });
     println!("{output}");
+    Ok(())
+}
+
+async fn connect(addr: &str) -> anyhow::Result<NotifierClient<Channel>> {
+    NotifierClient::connect(addr.to_owned())
+        .await
+        .with_context(|| format!("connect to the notifier at {addr}"))
+}
+
+/// Adds `authorization: Bearer <key>` to a request when an API key is given.
+fn authorize<T>(request: &mut tonic::Request<T>, api_key: Option<&str>) -> anyhow::Result<()> {
+    if let Some(key) = api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .context("the API key must be printable ASCII (NOTIFY_API_KEY)")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(())
+}
+
+/// Arguments of `notifier publish-batch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishBatchArgs {
+    /// gRPC address of the notifier.
+    #[arg(long, env = "NOTIFIER_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// JSON Lines file of events, one object per line with `channel`, `type`, `data` (any JSON
+    /// value, sent byte for byte) and optionally `user_id` and `idempotency_key`. `-` reads
+    /// standard input.
+    #[arg(long, default_value = "-")]
+    pub file: String,
+    /// API key, sent as `authorization: Bearer <key>`; needed when the notifier has
+    /// `PUBLISHER_KEYS`.
+    #[arg(long, env = "NOTIFY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// One line of a `publish-batch` input file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventLine<'a> {
+    channel: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default)]
+    user_id: String,
+    #[serde(default)]
+    idempotency_key: String,
+}
+
+/// Reads every event of a JSON Lines text, skipping blank lines, and returns each with its line
+/// number.
+///
+/// # Errors
+/// Names the first line that is not an event object, and why.
+pub fn parse_event_lines(text: &str) -> anyhow::Result<Vec<(usize, PublishRequest)>> {
+    let mut events = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let number = index + 1;
+        let event: EventLine<'_> = serde_json::from_str(line).with_context(|| {
+            format!(
+                "line {number} is not an event: write one JSON object per line with channel, type, data and \
+                 optionally user_id and idempotency_key"
+            )
+        })?;
+        let request = PublishRequest {
+            channel: event.channel,
+            r#type: event.event_type,
+            data: event.data.get().to_owned(),
+            user_id: event.user_id,
+            idempotency_key: event.idempotency_key,
+        };
+        events.push((number, request));
+    }
+    Ok(events)
+}
+
+/// Reads the events of `args.file`, sends them in `PublishBatch` calls of at most
+/// `MAX_BATCH_EVENTS`, in file order, and prints one line per event:
+/// `{"line":…,"id":…,"position":…,"duplicate":…}`, or `{"line":…,"code":…,"message":…}` for an
+/// event that was not published.
+///
+/// # Errors
+/// Fails before sending anything when a line is not an event, and after sending everything when
+/// a call failed or an event was not published.
+pub async fn publish_batch(args: PublishBatchArgs) -> anyhow::Result<()> {
+    let text = if args.file == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read the events from standard input")?
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("read the events from {}", args.file))?
+    };
+    let events = parse_event_lines(&text)?;
+    anyhow::ensure!(
+        !events.is_empty(),
+        "{} contains no events; write one JSON object per line",
+        args.file
+    );
+    let mut client = connect(&args.addr).await?;
+    let mut failed = 0;
+    for chunk in events.chunks(crate::service::MAX_BATCH_EVENTS) {
+        let lines: Vec<usize> = chunk.iter().map(|(line, _)| *line).collect();
+        let batch = chunk.iter().map(|(_, event)| event.clone()).collect();
+        let mut request = tonic::Request::new(PublishBatchRequest { events: batch });
+        authorize(&mut request, args.api_key.as_deref())?;
+        let results = match client.publish_batch(request).await {
+            Ok(response) => response.into_inner().results,
+            Err(status) => anyhow::bail!(
+                "publish-batch failed at line {}: {:?}: {}; the events before that line were sent",
+                lines[0],
+                status.code(),
+                status.message()
+            ),
+        };
+        for (line, result) in lines.into_iter().zip(results) {
+            let output = match result.outcome {
+                Some(publish_result::Outcome::Published(response)) => serde_json::json!({
+                    "line": line,
+                    "id": response.id,
+                    "position": response.position,
+                    "duplicate": response.duplicate,
+                }),
+                Some(publish_result::Outcome::Error(error)) => {
+                    failed += 1;
+                    let code = tonic::Code::from_i32(error.code);
+                    serde_json::json!({"line": line, "code": format!("{code:?}"), "message": error.message})
+                }
+                None => {
+                    failed += 1;
+                    serde_json::json!({"line": line, "code": "Unknown", "message": "the notifier returned no outcome"})
+                }
+            };
+            println!("{output}");
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} events were not published", events.len());
     Ok(())
 }
 
@@ -186,5 +321,32 @@ mod tests {
         };
         let err = token(args).expect_err("empty secret");
         assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn event_lines_keep_data_bytes() {
+        let text = concat!(
+            r#"{"channel":"news","type":"post.created","data":{ "title" : "שלום, עולם" }}"#,
+            "\n\n",
+            r#"{"channel":"user:7","type":"notice","data":[1, 2],"user_id":"7","idempotency_key":"k-2"}"#,
+            "\n",
+        );
+        let events = parse_event_lines(text).expect("valid lines");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].0, 1);
+        assert_eq!(events[0].1.data, r#"{ "title" : "שלום, עולם" }"#);
+        assert_eq!(events[1].0, 3);
+        assert_eq!(events[1].1.data, "[1, 2]");
+        assert_eq!(events[1].1.user_id, "7");
+        assert_eq!(events[1].1.idempotency_key, "k-2");
+    }
+
+    #[test]
+    fn bad_event_line_is_named() {
+        let text = "{\"channel\":\"news\",\"type\":\"a\",\"data\":1}\n{\"channel\":\"news\",\"data\":1}\n";
+        let err = parse_event_lines(text).expect_err("second line has no type");
+        let message = format!("{err:#}");
+        assert!(message.starts_with("line 2 is not an event"), "{message}");
+        assert!(message.contains("missing field `type`"), "{message}");
     }
 }

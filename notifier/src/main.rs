@@ -1,11 +1,11 @@
-//! The `notifier` binary: `serve` (the default), `migrate`, and the developer commands `publish`
-//! and `token`.
+//! The `notifier` binary: `serve` (the default), `migrate`, and the developer commands `publish`,
+//! `publish-batch`, `token` and `hash-key`.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use notifier::cli::{HashKeyArgs, PublishArgs, TokenArgs};
+use notifier::cli::{HashKeyArgs, PublishArgs, PublishBatchArgs, TokenArgs};
 use notifier::config::{MigrateArgs, ServeArgs};
 use notifier::store::Store;
 use notifier::stream::RedisLog;
@@ -47,6 +47,8 @@ enum Command {
     Migrate(MigrateArgs),
     /// Publish one event to a running notifier and print the response.
     Publish(PublishArgs),
+    /// Publish the events of a JSON Lines file in PublishBatch calls and print each result.
+    PublishBatch(PublishBatchArgs),
     /// Print an HS256 client token for the edge.
     Token(TokenArgs),
     /// Print the SHA-256 hash of an API key, for PUBLISHER_KEYS and EDGE_KEYS.
@@ -72,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::Publish(args)) => notifier::cli::publish(args).await,
+        Some(Command::PublishBatch(args)) => notifier::cli::publish_batch(args).await,
         Some(Command::Token(args)) => notifier::cli::token(args).map(|token| println!("{token}")),
         Some(Command::HashKey(args)) => notifier::cli::hash_key(args).map(|hash| println!("{hash}")),
     };

@@ -373,3 +373,50 @@ e2e_test!(batch_arrives_in_request_order, |env| {
     client.expect_nothing_pending().await?;
     Ok(())
 });
+
+e2e_test!(cli_batch_reports_each_line, |env| {
+    use std::process::Stdio;
+
+    use tokio::io::AsyncWriteExt;
+
+    let mut client = env.connect("alice").await?;
+    client.subscribe("news").await?;
+    let hebrew = r#"{ "title" : "שלום, עולם" }"#;
+    let input = format!(
+        "{{\"channel\":\"news\",\"type\":\"post.created\",\"data\":{hebrew}}}\n\n\
+         {{\"channel\":\"news\",\"type\":\"post.created\",\"data\":{{oops}}\n"
+    );
+    let first_line_only = input.lines().next().context("input line")?.to_owned() + "\n";
+
+    // A line that is not JSON stops the command before anything is sent.
+    let cli = e2e::binaries::path("notifier").await?;
+    let grpc = format!("http://{}", env.grpc);
+    let run = async |input: String| -> anyhow::Result<std::process::Output> {
+        let mut child = tokio::process::Command::new(&cli)
+            .args(["publish-batch", "--addr", &grpc, "--file", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(input.as_bytes()).await?;
+        drop(stdin);
+        Ok(child.wait_with_output().await?)
+    };
+    let rejected = run(input).await?;
+    ensure!(!rejected.status.success(), "a bad line was accepted");
+    let stderr = String::from_utf8_lossy(&rejected.stderr);
+    ensure!(stderr.contains("line 3 is not an event"), "{stderr}");
+    client.expect_nothing_pending().await?;
+
+    let sent = run(first_line_only).await?;
+    ensure!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let printed: Value = serde_json::from_slice(&sent.stdout)?;
+    assert_eq!(printed["line"], 1);
+    assert_eq!(printed["duplicate"], false);
+    let frame = client.recv_text().await?;
+    assert_eq!(raw_data(&frame)?, hebrew);
+    let event: Value = serde_json::from_str(&frame)?;
+    assert_eq!(event["id"], printed["id"]);
+    Ok(())
+});
