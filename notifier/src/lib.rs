@@ -62,8 +62,9 @@ use crate::relay::{Lanes, Relay};
 use crate::service::NotifierService;
 use crate::store::Store;
 
-/// Smallest gRPC request size limit: tonic's default of 4 MiB.
-const MIN_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
+/// Smallest gRPC request size limit: tonic's default of 4 MiB. Every notifier accepts encoded
+/// requests of this size, whatever its `MAX_PAYLOAD_BYTES`.
+pub const MIN_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Room for the request's fields other than `data`: channel, type, user_id and key are at most
 /// 255 + 64 + 255 + 255 bytes, plus protobuf framing.
