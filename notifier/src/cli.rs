@@ -84,6 +84,12 @@ async fn connect(addr: &str) -> anyhow::Result<NotifierClient<Channel>> {
 /// Adds `authorization: Bearer <key>` to a request when an API key is given.
 fn authorize<T>(request: &mut tonic::Request<T>, api_key: Option<&str>) -> anyhow::Result<()> {
     if let Some(key) = api_key {
+        // A metadata value may carry bytes above 0x7f, which the notifier cannot read as a key
+        // and reports as a missing key, so they are rejected here.
+        anyhow::ensure!(
+            key.bytes().all(|byte| (b' '..=b'~').contains(&byte)),
+            "the API key must be printable ASCII (NOTIFY_API_KEY); check that it was copied whole"
+        );
         let value = format!("Bearer {key}")
             .parse()
             .context("the API key must be printable ASCII (NOTIFY_API_KEY)")?;
@@ -638,5 +644,21 @@ mod tests {
         assert!(outputs[0].1);
         assert!(!outputs[1].1);
         assert_eq!(outputs[1].0["code"], "Unknown");
+    }
+
+    #[test]
+    fn api_key_outside_ascii_is_rejected() {
+        let mut request = tonic::Request::new(());
+        let err = authorize(&mut request, Some("kéy")).expect_err("not ASCII");
+        assert!(err.to_string().contains("printable ASCII"), "{err}");
+        assert!(request.metadata().get("authorization").is_none());
+        authorize(&mut request, Some("key-1")).expect("ASCII key");
+        assert_eq!(
+            request
+                .metadata()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok()),
+            Some("Bearer key-1")
+        );
     }
 }
