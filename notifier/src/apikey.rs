@@ -82,7 +82,9 @@ impl Caller {
         match self {
             Caller::Open => Ok(()),
             Caller::Publisher { prefixes, .. } => check_prefixes(prefixes, channel),
-            Caller::Edge { .. } => Err(Status::permission_denied("an edge key may not publish")),
+            Caller::Edge { .. } => Err(Status::permission_denied(
+                "an edge key may not publish; publish with a key whose hash is in PUBLISHER_KEYS",
+            )),
         }
     }
 
@@ -171,11 +173,17 @@ impl ApiKeys {
         if !self.is_enabled() {
             return Ok(Caller::Open);
         }
-        let key = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer_credentials)
-            .ok_or_else(|| Status::unauthenticated("missing API key; send the metadata authorization: Bearer <key>"))?;
+        let Some(value) = metadata.get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing API key; send the metadata authorization: Bearer <key>",
+            ));
+        };
+        let key = value.to_str().ok().and_then(bearer_credentials).ok_or_else(|| {
+            Status::unauthenticated(
+                "the authorization metadata is not Bearer and a key of printable ASCII; send authorization: Bearer \
+                 <key>",
+            )
+        })?;
         let presented = hash_key(key.trim());
 
         let mut caller = None;
@@ -192,7 +200,11 @@ impl ApiKeys {
                 caller = Some(Caller::Edge { hash: presented });
             }
         }
-        caller.ok_or_else(|| Status::unauthenticated("invalid API key"))
+        caller.ok_or_else(|| {
+            Status::unauthenticated(
+                "invalid API key: its SHA-256 hash is in neither PUBLISHER_KEYS nor EDGE_KEYS; send a configured key",
+            )
+        })
     }
 }
 
@@ -266,6 +278,31 @@ mod tests {
             let status = keys.authenticate(&metadata(presented)).expect_err("rejected");
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{presented:?}");
         }
+    }
+
+    #[test]
+    fn unauthenticated_message_names_the_fix() {
+        let keys = keys();
+        let missing = keys.authenticate(&metadata(None)).expect_err("no key");
+        assert!(
+            missing.message().starts_with("missing API key"),
+            "{}",
+            missing.message()
+        );
+
+        let mut basic = MetadataMap::new();
+        basic.insert("authorization", "Basic edge-key".parse().expect("ASCII metadata"));
+        let status = keys.authenticate(&basic).expect_err("not Bearer");
+        assert!(status.message().contains("is not Bearer"), "{}", status.message());
+
+        let mut not_ascii = MetadataMap::new();
+        let value = tonic::metadata::MetadataValue::try_from("Bearer k\u{e9}y".as_bytes()).expect("obs-text value");
+        not_ascii.insert("authorization", value);
+        let status = keys.authenticate(&not_ascii).expect_err("not ASCII");
+        assert!(status.message().contains("printable ASCII"), "{}", status.message());
+
+        let unknown = keys.authenticate(&metadata(Some("wrong"))).expect_err("unknown key");
+        assert!(unknown.message().contains("PUBLISHER_KEYS"), "{}", unknown.message());
     }
 
     #[test]
