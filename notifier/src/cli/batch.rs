@@ -172,7 +172,7 @@ pub async fn publish_batch(args: PublishBatchArgs) -> anyhow::Result<()> {
 /// Channels whose events stopped, each with the line of its first event that was not published.
 type Stopped = HashMap<String, usize>;
 
-/// Whether a `PublishBatch` call that ended with `code` may have published some of its events:
+/// Returns whether a `PublishBatch` call that ended with `code` may have published some events:
 /// no response came from the service, because the connection failed or time ran out.
 fn call_may_have_published(code: tonic::Code) -> bool {
     matches!(
