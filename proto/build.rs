@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut prost_config = prost_build::Config::new();
     prost_config.protoc_executable(protoc);
     tonic_prost_build::configure()
+        // prost's codec, with a bound on repeated fields checked before decoding.
+        .codec_path("crate::codec::BoundedCodec")
         .file_descriptor_set_path(out_dir.join("notify_descriptor.bin"))
         .compile_with_config(prost_config, &["notify/v1/notifier.proto"], &["."])?;
     println!("cargo:rerun-if-changed=notify/v1/notifier.proto");

@@ -578,6 +578,20 @@ async fn batch_size_checked_first() {
         oversized.message(),
         "a PublishBatch call holds 1 to 100 events, and this one holds 101; split the events over several calls"
     );
+    // Over 1000 events, the request is rejected before it is decoded.
+    let events = vec![PublishRequest::default(); 100_000];
+    let flood = client
+        .publish_batch(PublishBatchRequest { events })
+        .await
+        .expect_err("100,000 empty events");
+    assert_eq!(flood.code(), Code::InvalidArgument);
+    assert!(
+        flood
+            .message()
+            .starts_with("field 1 of the message occurs more than 1000 times"),
+        "{}",
+        flood.message()
+    );
     let heads = client.heads(HeadsRequest {}).await.expect("heads").into_inner();
     assert!(heads.heads.iter().all(|head| *head == 0), "{:?}", heads.heads);
 

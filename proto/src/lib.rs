@@ -4,6 +4,7 @@
 //!
 //! Layout:
 //! - [`pb`]: generated tonic and prost code for `notify.v1`.
+//! - [`codec`]: the generated code's gRPC codec, which bounds repeated fields before decoding.
 //! - [`channel`]: channel grammar, event type rules and the channel-to-partition hash.
 //! - [`entry`]: encoding of an [`pb::Event`] as Redis stream fields, and back.
 //! - [`frame`]: the JSON frame a client receives for an event, encoded once per event.
@@ -22,6 +23,7 @@
 pub mod auth_header;
 pub mod channel;
 pub mod claims;
+pub mod codec;
 pub mod entry;
 pub mod frame;
 pub mod history;
