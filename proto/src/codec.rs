@@ -15,9 +15,9 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-/// Most occurrences of one field at the top level of a message: a page of History or
-/// ReadPartition holds up to 1000 events, and a `PublishBatch` call up to 100.
-pub const MAX_FIELD_REPEATS: usize = 1000;
+/// Most occurrences of one field at the top level of a message: the events of a full page of
+/// History or ReadPartition. A `PublishBatch` call holds up to 100.
+pub const MAX_FIELD_REPEATS: usize = crate::history::MAX_PAGE as usize;
 
 /// Codec of the generated `notify.v1` clients and servers.
 #[derive(Debug, Clone)]
