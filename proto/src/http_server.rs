@@ -337,6 +337,19 @@ mod tests {
         }
     }
 
+    /// Sends requests until one gets 200, failing the test with `failure` after 5 s.
+    async fn wait_until_served(addr: SocketAddr, failure: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let response = try_get(addr).await;
+            if response.starts_with("HTTP/1.1 200 OK") {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{failure}: {response:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Returns whether the server closed `stream` within `wait`.
     async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
         let mut rest = Vec::new();
@@ -400,18 +413,7 @@ mod tests {
 
         // A closed connection frees its place.
         drop(first);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let response = get(server.addr).await;
-            if response.starts_with("HTTP/1.1 200 OK") {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no place was freed: {response:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_served(server.addr, "no place was freed").await;
         drop(second);
         server.stop().await;
     }
@@ -444,17 +446,7 @@ mod tests {
         );
 
         // The place is freed once the connection's age and the close grace have passed.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            if try_get(server.addr).await.starts_with("HTTP/1.1 200 OK") {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the stalled connection still holds its place"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_served(server.addr, "the stalled connection still holds its place").await;
         drop(stalled);
         server.stop().await;
     }
@@ -469,8 +461,8 @@ mod tests {
         let request = format!("GET / HTTP/1.1\r\nHost: test\r\nX-Big: {header}\r\n\r\n");
         // The server may close before it has read the whole request, so a failed write is fine.
         let _ = stream.write_all(request.as_bytes()).await;
-        // The server responds with 431 and closes, and the close may reset the connection before the
-        // response is read; either way the request is not served.
+        // The server responds with 431 and closes. The close may reset the connection before the
+        // response is read, and then the read returns nothing, but the request is not served either way.
         let mut response = vec![0; 64];
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut response))
             .await
