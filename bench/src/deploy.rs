@@ -104,9 +104,9 @@ pub struct Restart {
     pub rolling: bool,
     /// Time from SIGTERM to the old edge's exit, in milliseconds.
     pub stopped_after_ms: f64,
-    /// Time from SIGTERM until the new edge was ready, in milliseconds: its `listening` line
-    /// after a stop and start, and its `stream reader running` line (when `/readyz` turns 200)
-    /// in a rolling restart, where the value is negative because that came before SIGTERM.
+    /// Time from SIGTERM until the new edge was ready, in milliseconds. After a stop and start
+    /// this is its `listening` line. In a rolling restart it is its `stream reader running` line
+    /// (when `/readyz` turns 200), which came before SIGTERM, so the value is negative.
     pub listening_after_ms: f64,
     /// Whether the old edge exited by itself within the grace period.
     pub graceful: bool,

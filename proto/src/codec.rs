@@ -2,9 +2,8 @@
 //! level of a message, checked before the message is decoded.
 //!
 //! tonic decodes a whole request before the service is called. An empty `PublishRequest` takes 2
-//! bytes in a `PublishBatchRequest` and tens of bytes once decoded, so a 4 MiB request of them
-//! took about 125 MB, from any caller, before the service could reject it for holding more than
-//! 100 events. Counting the fields first bounds that to [`MAX_FIELD_REPEATS`] elements.
+//! bytes in a `PublishBatchRequest` and tens of bytes once decoded. A 4 MiB request of them took
+//! about 125 MB, from any caller, before the service could reject it for its more than 100 events. Counting the fields first bounds that to [`MAX_FIELD_REPEATS`] elements.
 
 use std::marker::PhantomData;
 

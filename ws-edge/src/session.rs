@@ -6,7 +6,7 @@
 //!    While the socket lives, a `token_expiring` frame comes `TOKEN_EXPIRY_WARNING` before the
 //!    token's expiry, and the socket closes with 4003 at the expiry unless `refresh` moved it.
 //! 2. Run: this task reads client frames and replies through the socket's outbound queue, which
-//!    the fan-out writes into too; the writer task ([`crate::writer`]) writes what a full socket
+//!    the fan-out writes into too. The writer task ([`crate::writer`]) writes what a full socket
 //!    buffer held back, pings idle peers and sends the close frame.
 //! 3. End together: when the reader stops (peer closed, read error, token expired), it requests
 //!    the ending through the queue and waits for the writer. When the writer stops (slow

@@ -204,7 +204,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn frames_of_every_header_size_arrive_in_order_before_the_close() {
+    async fn every_header_size_arrives_in_order() {
         let limits = QueueLimits {
             frames: 16,
             bytes: 1 << 20,

@@ -64,7 +64,7 @@ pub(super) struct KeyRow {
     pub(super) fingerprint: String,
 }
 
-/// What a transaction writes once the plan has its sequence numbers.
+/// The rows a transaction writes once the plan has its sequence numbers.
 #[derive(Debug)]
 pub(super) struct Writes<'a> {
     /// The outcomes to return and the events to insert, sorted by partition and sequence number.
@@ -307,10 +307,13 @@ mod tests {
         for event in &batch {
             plan.add(7, event);
         }
+
         let writes = plan.finish(&BTreeMap::from([(7, 10)]), 1000).expect("finish");
         let committed = writes.committed;
         let seqs: Vec<u64> = committed.events.iter().map(|event| event.seq).collect();
         assert_eq!(seqs, vec![11, 12]);
+
+        // The retry returns the first event; the key reused for other data conflicts.
         let first_id = committed.events[0].id.clone();
         assert_eq!(
             committed.outcomes[2],
@@ -327,6 +330,8 @@ mod tests {
                 first_id: first_id.clone()
             }
         );
+
+        // One key row, for the first event.
         assert_eq!(writes.key_rows.len(), 1);
         assert_eq!(
             (writes.key_rows[0].seq, writes.key_rows[0].event_id.as_str()),

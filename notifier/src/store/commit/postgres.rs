@@ -56,9 +56,9 @@ const WRITE: &str = "WITH advanced AS ( \
 
 /// Stores a batch without idempotency keys in one statement, which PostgreSQL runs as a
 /// transaction of its own, so the batch costs one round trip instead of four. It locks the
-/// batch's partition rows in ascending order like [`LOCK_HEADS`], raises each `last_seq` by the
-/// partition's number of events, numbers the events of each partition above its old head in
-/// batch order, inserts them, and returns each partition's old head.
+/// batch's partition rows in ascending order like [`LOCK_HEADS`] and raises each `last_seq` by the
+/// partition's number of events. It then numbers the events of each partition above its old head
+/// in batch order, inserts them and returns each partition's old head.
 ///
 /// - `$1`: the commit time in milliseconds, the events' `ts_ms`.
 /// - `$2` to `$9`: the events' columns, in batch order.
