@@ -18,7 +18,8 @@ pub struct PublishBatchArgs {
     pub addr: String,
     /// JSON Lines file of events, one object per line with `channel`, `type`, `data` (any JSON
     /// value, sent byte for byte) and optionally `user_id` and `idempotency_key`. `-` reads
-    /// standard input.
+    /// standard input. The whole input is read and checked before the first call, so it is held
+    /// in memory: split files larger than the memory at hand.
     #[arg(long, default_value = "-")]
     pub file: String,
     /// API key, sent as `authorization: Bearer <key>`; needed when the notifier has
